@@ -1,0 +1,44 @@
+"""nexa_nb: train models from a Jupyter notebook over Accelerate and DeepSpeed ZeRO.
+
+Importing this package (or ``%load_ext nexa_nb``) imports neither torch nor DeepSpeed, so
+the kernel stays fork-safe; the heavy modules load when a run starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Task": "nexa_nb.task",
+    "TrainConfig": "nexa_nb.config",
+    "ConfigError": "nexa_nb.config",
+    "resolve_config": "nexa_nb.config",
+    "Plan": "nexa_nb.plan",
+    "make_plan": "nexa_nb.plan",
+    "train": "nexa_nb.api",
+    "last_result": "nexa_nb.api",
+    "TrainResult": "nexa_nb.api",
+    "TrainingError": "nexa_nb.errors",
+    "memory_table": "nexa_nb.memory",
+}
+
+__all__ = sorted(_EXPORTS) + ["load_ipython_extension", "unload_ipython_extension"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'nexa_nb' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext nexa_nb``: register the ``%nexa_*`` magics."""
+    from nexa_nb.magics import register
+
+    register(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    pass

@@ -1,0 +1,193 @@
+"""The Python API: `train(task, ...)` -> `TrainResult`. The magics map onto it one to one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from nexa_nb.config import ConfigError, TrainConfig, resolve_config
+from nexa_nb.errors import TrainingError
+from nexa_nb.plan import Plan, make_plan
+from nexa_nb.task import Task
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    """One dict per optimizer step: step, loss (mean over ranks), lr, grad_norm, epoch, samples_per_s."""
+    final_loss: float | None
+    plan: Plan
+    checkpoint_dir: str | None
+    distributed_type: str
+    num_processes: int
+    status: str = "completed"
+    """"completed" or "interrupted"."""
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    state_dict: dict | None = field(default=None, repr=False)
+    """The final weights on CPU (LoRA merged into the base model)."""
+    task: Task | None = field(default=None, repr=False)
+    message: str = ""
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+    def trained_model(self):
+        """A fresh model from the task's factory (or a copy of its module) with the final weights."""
+        import copy
+
+        if self.state_dict is None or self.task is None:
+            raise TrainingError("this result holds no final weights (the run did not complete)")
+        model = self.task.build_model()
+        if not self.task.model_is_factory():
+            model = copy.deepcopy(model)
+        model.load_state_dict(self.state_dict)
+        return model
+
+
+_last: TrainResult | None = None
+
+
+def last_result() -> TrainResult | None:
+    """The result of the most recent `train` (or ``%nexa_train``) in this kernel."""
+    return _last
+
+
+def train(task: Task, *, config: str | os.PathLike | None = None, session: Mapping[str, Any] | None = None,
+          sinks: Iterable | None = None, **options: Any) -> TrainResult:
+    """Train `task`; keyword options are `TrainConfig` fields (zero=3, precision="bf16", procs=2, ...).
+
+    Options layer over ``config`` (an accelerate YAML or DeepSpeed JSON), the environment
+    variables and ``session`` defaults; see `nexa_nb.config`. Bad input raises `ConfigError`
+    or `TrainingError` before any process starts.
+    """
+    global _last
+    from nexa_nb.launch import launch
+    from nexa_nb.sinks.console import ConsoleSink
+
+    cfg = resolve_config(config_file=config, session=session, arguments=options)
+    plan = prepare(task, cfg)
+    sinks = [ConsoleSink()] if sinks is None else list(sinks)
+    outcome = launch(plan, task, sinks)
+    _last = TrainResult(history=outcome.history, final_loss=outcome.final_loss, plan=plan,
+                        checkpoint_dir=outcome.checkpoint_dir, distributed_type=outcome.distributed_type,
+                        num_processes=outcome.num_processes, status=outcome.status,
+                        eval_metrics=outcome.eval_metrics, state_dict=outcome.state_dict, task=task,
+                        message=outcome.message)
+    return _last
+
+
+def prepare(task: Task, cfg: TrainConfig) -> Plan:
+    """Check the task against the config in the kernel, and plan; nothing is started or written."""
+    if not isinstance(task, Task):
+        raise TrainingError(f"expected a nexa_nb.Task, got {type(task).__name__}; "
+                            "wrap your model and data: task = nexa_nb.Task(model, train_data)")
+    total, largest = _param_counts(task)
+    plan = make_plan(cfg, total_params=total, largest_layer_params=largest)
+    preflight(task, plan)
+    return plan
+
+
+def _param_counts(task: Task) -> tuple[int | None, int | None]:
+    import torch.nn as nn
+
+    if isinstance(task.model, nn.Module):
+        from nexa_nb.memory import count_params
+
+        return count_params(task.model)
+    if not callable(task.model):
+        raise TrainingError(f"Task.model must be a torch.nn.Module or a function returning one, "
+                            f"got {type(task.model).__name__}")
+    return None, None
+
+
+def preflight(task: Task, plan: Plan) -> None:
+    """Catch bad data and models in the kernel, before any worker exists."""
+    data = task.train_data
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise TrainingError(f"train_data must be a map-style dataset (with __len__ and __getitem__), "
+                            f"got {type(data).__name__}; wrap an iterable in a list or a torch Dataset")
+    n = len(data)
+    if n == 0:
+        raise TrainingError("train_data is empty; give the task at least one batch of samples")
+    per_step = plan.micro_batch * plan.procs * plan.grad_accum
+    if n < per_step:
+        raise TrainingError(
+            f"one optimizer step needs {per_step} samples (micro-batch {plan.micro_batch} x accumulation "
+            f"{plan.grad_accum} x {plan.procs} procs) but train_data has {n}; lower --batch-size, "
+            "--grad-accum or --procs")
+    batch = _first_batch(task, plan.micro_batch)
+    if task.eval_data is not None and not (hasattr(task.eval_data, "__len__") and len(task.eval_data) > 0):
+        raise TrainingError("eval_data is empty or has no length; pass a non-empty dataset or None")
+    import torch.nn as nn
+
+    if isinstance(task.model, nn.Module):
+        _check_forward(task, batch)
+    if plan.config.resume:
+        _check_resume(plan)
+
+
+def _first_batch(task: Task, size: int):
+    import torch
+    from torch.utils.data import default_collate
+
+    try:
+        samples = [task.train_data[i] for i in range(size)]
+    except Exception as exc:
+        raise TrainingError(f"reading train_data[0:{size}] failed ({type(exc).__name__}: {exc}); "
+                            "fix the dataset's __getitem__") from None
+    collate = task.collate_fn or default_collate
+    try:
+        batch = collate(samples)
+    except Exception as exc:
+        raise TrainingError(
+            f"collating {size} samples failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"samples are {type(samples[0]).__name__}: return tensors, numbers, or dicts/tuples of them, "
+            "or pass Task(collate_fn=...)") from None
+
+    def ok(x) -> bool:
+        if isinstance(x, torch.Tensor):
+            return True
+        if isinstance(x, dict):
+            return len(x) > 0 and all(ok(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return len(x) > 0 and all(ok(v) for v in x)
+        return False
+
+    if not ok(batch):
+        raise TrainingError(
+            f"a batch must be a tensor or a dict/tuple of tensors, but the collate step gave "
+            f"{type(batch).__name__}; return tensors from the dataset or pass Task(collate_fn=...)")
+    return batch
+
+
+def _check_forward(task: Task, batch) -> None:
+    """One no-grad forward of the first batch: catches wrong inputs and a missing loss up front."""
+    import torch
+
+    from nexa_nb.engine import default_forward, extract_loss
+
+    model = task.model
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            outputs = (task.forward or default_forward)(model, batch)
+            extract_loss(outputs, batch, task.loss_fn)
+    except TrainingError:
+        raise
+    except Exception as exc:
+        raise TrainingError(f"the model's forward failed on the first batch ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check that the dataset's samples "
+                            "match the model's inputs, or pass Task(forward=...)") from None
+    finally:
+        model.train(was_training)
+
+
+def _check_resume(plan: Plan) -> None:
+    from nexa_nb.engine import _check_resumable, _resume_path, read_checkpoint_state
+
+    _check_resumable(read_checkpoint_state(_resume_path(plan.config)), plan)
+
+
+__all__ = ["train", "last_result", "TrainResult", "TrainingError", "ConfigError", "prepare"]

@@ -1,0 +1,125 @@
+"""Events that training workers send to the notebook, and the sink protocol that consumes them.
+
+Workers never render anything: they put these small, picklable records on a queue, a
+thread in the kernel drains it and hands every event to each sink (console, widgets,
+trackers).  Keeping the records plain dataclasses means a recorded stream can be replayed
+into any sink in a unit test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """Memory of one rank, in bytes. Device figures are 0 on a CPU-only run."""
+
+    allocated: int = 0
+    reserved: int = 0
+    peak: int = 0
+    capacity: int = 0
+    host_rss: int = 0
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """Sent once by rank 0 after `Accelerator.prepare`, before the first step."""
+
+    plan_summary: dict[str, Any]
+    total_steps: int
+    num_processes: int
+    distributed_type: str
+    notes: tuple[str, ...] = ()
+    start_step: int = 0
+
+
+@dataclass(frozen=True)
+class MicroStep:
+    """Accumulation progress: micro-step `micro` of `of` towards optimizer step `step`."""
+
+    rank: int
+    step: int
+    micro: int
+    of: int
+
+
+@dataclass(frozen=True)
+class StepEnd:
+    """One optimizer step finished on `rank`."""
+
+    rank: int
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    samples_per_s: float
+    tokens_per_s: float | None
+    memory: MemorySample
+    epoch: int = 0
+    grad_accum: int = 1
+    micro_batch: int = 1
+    accum_time_s: float = 0.0
+    mean_grad_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalEnd:
+    step: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """A one-line message for the user (a fallback taken, a retry, a warning)."""
+
+    message: str
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    """The run is over. `status` is one of "completed", "failed", "interrupted"."""
+
+    status: str
+    step: int
+    final_loss: float | None = None
+    message: str = ""
+    checkpoint_dir: str | None = None
+
+
+Event = RunStarted | MicroStep | StepEnd | EvalEnd | CheckpointSaved | Note | RunEnded
+
+
+class Sink(Protocol):
+    """Anything that turns events into output. Sinks observe; they never steer training."""
+
+    def handle(self, event: Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class RecordingSink:
+    """Keeps every event; useful for tests and for replaying a run into another sink."""
+
+    events: list = field(default_factory=list)
+
+    def handle(self, event: Event) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        pass
+
+
+def fan_out(sinks, event: Event) -> None:
+    for sink in sinks:
+        sink.handle(event)

@@ -1,0 +1,94 @@
+"""The one place that looks at the machine, without initialising CUDA in the kernel.
+
+CUDA must stay uninitialised in the notebook kernel, or forking training workers breaks
+("Cannot re-initialize CUDA in forked subprocess").  So GPUs are counted with
+``nvidia-smi`` (a separate process) and never with ``torch.cuda`` here; when torch is
+already imported we only ask whether CUDA *was* initialised, which initialises nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: tuple[Gpu, ...] = ()
+    cpu_cores: int = 1
+    host_memory_bytes: int = 0
+    host_available_bytes: int = 0
+    bf16_gpu: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def has_cuda(self) -> bool:
+        return len(self.gpus) > 0
+
+    @property
+    def device_memory_bytes(self) -> int:
+        """Memory of one training device: the smallest GPU, or host memory on CPU."""
+        if self.gpus:
+            return min(g.memory_bytes for g in self.gpus)
+        return self.host_memory_bytes
+
+
+def _query_nvidia_smi() -> tuple[Gpu, ...]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return ()
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    gpus = []
+    for line in out.strip().splitlines():
+        name, _, mib = line.rpartition(",")
+        try:
+            gpus.append(Gpu(name.strip(), int(float(mib)) * 1024 * 1024))
+        except ValueError:
+            continue
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        wanted = [v for v in visible.split(",") if v.strip().isdigit()]
+        gpus = [gpus[int(i)] for i in wanted if int(i) < len(gpus)]
+    return tuple(gpus)
+
+
+@lru_cache(maxsize=1)
+def probe() -> Hardware:
+    """Describe this machine. Cached: the hardware does not change under a kernel."""
+    import psutil
+
+    gpus = _query_nvidia_smi()
+    vm = psutil.virtual_memory()
+    # Every GPU generation that nvidia-smi names with these families supports bf16 (Ampere+).
+    bf16 = bool(gpus) and all(any(k in g.name for k in ("A100", "A10", "A30", "A40", "A6000", "L4", "L40", "H100", "H200", "H20", "B100", "B200", "GB200", "RTX 30", "RTX 40", "RTX 50")) for g in gpus)
+    return Hardware(
+        gpus=gpus,
+        cpu_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        host_memory_bytes=vm.total,
+        host_available_bytes=vm.available,
+        bf16_gpu=bf16,
+    )
+
+
+def cuda_initialised_in_this_process() -> bool:
+    """True when torch is imported here and has initialised CUDA (asking initialises nothing)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    return bool(torch.cuda.is_initialized())

@@ -1,0 +1,276 @@
+"""Run the engine in N processes from inside a Jupyter kernel, through `notebook_launcher`.
+
+What upstream gets wrong on this path, and what this module does about it:
+
+* CPU-only host, several processes, plain ``Accelerator()``: N unsynchronised copies.
+  -> the plan passes ``cpu=True`` for plain runs, and the engine refuses to train when
+  Accelerate reports another distributed type or world size than planned.
+* ``cpu=True`` silently drops a DeepSpeed (or FSDP) plugin.
+  -> never passed with DeepSpeed; the engine gives Accelerate the gloo backend instead.
+* DeepSpeed in one process without a launcher falls into MPI discovery.
+  -> the launcher sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+* DeepSpeed in two CPU processes: Accelerate and DeepSpeed disagree on the world size.
+  -> the explicit backend makes Accelerate count the processes; the DeepSpeed config
+  carries an explicit ``train_batch_size``.
+* Results do not come back from workers, and prints are all one sees.
+  -> workers put events on a fork-context queue; a thread in the kernel drains it into
+  the sinks, and rank 0 sends its outcome last.
+* "Address already in use" on a re-run -> a free port is picked for every launch.
+* CUDA initialised in the kernel breaks the fork -> refused before launching, with the fix.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from nexa_nb import events as ev
+from nexa_nb.errors import TrainingError
+from nexa_nb.hardware import cuda_initialised_in_this_process
+from nexa_nb.plan import Plan
+from nexa_nb.task import Task
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    rank: int
+    error_type: str
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class WorkerDone:
+    outcome: Any
+
+
+_STOP = "nexa-stop"
+
+# Modules known to initialise CUDA when imported or used at the top level of a notebook.
+_CUDA_INITIALISERS = ("bitsandbytes", "pynvml", "cupy", "numba.cuda", "tensorflow", "jax")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def refuse_if_cuda_initialised(plan: Plan) -> None:
+    if plan.procs < 2 or not cuda_initialised_in_this_process():
+        return
+    suspects = [m for m in _CUDA_INITIALISERS if m in sys.modules]
+    culprit = f" ({', '.join(suspects)} imported in this kernel)" if suspects else ""
+    raise TrainingError(
+        f"CUDA is already initialised in this kernel{culprit}, so {plan.procs} worker processes cannot be forked. "
+        "Fix: restart the kernel and keep every CUDA call (model.cuda(), torch.cuda.*, imports such as "
+        "bitsandbytes) inside the task's model factory, or pass --procs 1")
+
+
+@contextmanager
+def patched_environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def kept_signal_handlers():
+    """torch's elastic agent installs its own SIGINT/SIGTERM handlers in the kernel; put ours back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+
+def reset_kernel_state() -> None:
+    """Leave the kernel as it was before an in-kernel run: no Accelerate singletons, no process group."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _worker(plan: Plan, task: Task, queue, in_kernel: bool) -> None:
+    """Entry point of every rank. Never lets an exception leave without reporting it."""
+    from nexa_nb import engine
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        if not in_kernel:
+            os.environ.update(plan.worker_env)
+        if plan.device == "cpu":
+            import psutil
+            import torch
+
+            cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // plan.procs))  # one core each; oversubscribing slows all ranks
+        outcome = engine.run(plan, task, queue.put, copy_model=in_kernel)
+        if rank == 0:
+            queue.put(WorkerDone(outcome))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        queue.put(WorkerFailed(rank, type(exc).__name__, str(exc), traceback.format_exc()))
+        raise
+
+
+class _Drain:
+    """A thread that moves worker events from the queue into the sinks."""
+
+    def __init__(self, queue, sinks: Iterable[ev.Sink]):
+        self.queue = queue
+        self.sinks = list(sinks)
+        self.outcome = None
+        self.failures: list[WorkerFailed] = []
+        self.last_step = 0
+        self.ended = False
+        self.thread = threading.Thread(target=self._loop, name="nexa-drain", daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if isinstance(item, str) and item == _STOP:
+                return
+            if isinstance(item, WorkerDone):
+                self.outcome = item.outcome
+            elif isinstance(item, WorkerFailed):
+                self.failures.append(item)
+            else:
+                if isinstance(item, ev.StepEnd):
+                    self.last_step = max(self.last_step, item.step)
+                if isinstance(item, ev.RunEnded):
+                    self.ended = True
+                for sink in self.sinks:
+                    try:
+                        sink.handle(item)
+                    except Exception:  # a display problem must never stop training
+                        pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.queue.put(_STOP)
+        self.thread.join(timeout=30)
+
+
+def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
+    """Run `task` under `plan` in ``plan.procs`` processes; return rank 0's `engine.Outcome`.
+
+    A kernel interrupt returns an outcome with status "interrupted"; a worker failure
+    raises `TrainingError` naming the rank.
+    """
+    from accelerate import notebook_launcher
+
+    refuse_if_cuda_initialised(plan)
+    queue = multiprocessing.get_context("fork").SimpleQueue()
+    port = free_port()
+    sinks = list(sinks)
+    interrupted = False
+    launch_error: BaseException | None = None
+    with _Drain(queue, sinks) as drain:
+        try:
+            if plan.procs == 1:
+                # notebook_launcher runs one process in the kernel itself; DeepSpeed still
+                # needs the variables a launcher would set.
+                env = dict(plan.worker_env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                if plan.deepspeed_config is None:
+                    env = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+                with patched_environ(env):
+                    try:
+                        notebook_launcher(_worker, args=(plan, task, queue, True), num_processes=1)
+                    finally:
+                        reset_kernel_state()
+            else:
+                with kept_signal_handlers():
+                    notebook_launcher(_worker, args=(plan, task, queue, False), num_processes=plan.procs,
+                                      use_port=str(port), master_addr="127.0.0.1")
+        except KeyboardInterrupt:
+            interrupted = True
+        except BaseException as exc:  # ChildFailedError, SignalException, a worker's own error
+            if type(exc).__name__ == "SignalException":
+                interrupted = True
+            else:
+                launch_error = exc
+    if interrupted:
+        return _interrupted_outcome(plan, drain, sinks)
+    if drain.failures or launch_error is not None:
+        raise _failure(plan, drain, launch_error, sinks)
+    if drain.outcome is None:
+        raise TrainingError("training ended without a result from rank 0; see the workers' output above")
+    return drain.outcome
+
+
+def _interrupted_outcome(plan: Plan, drain: _Drain, sinks) -> Any:
+    from nexa_nb.engine import Outcome, complete_checkpoints
+
+    if drain.outcome is not None and drain.outcome.status == "interrupted":
+        return drain.outcome
+    ckpts = complete_checkpoints(plan.config.ckpt_dir) if plan.config.ckpt_dir else []
+    message = f"interrupted at step {drain.last_step}"
+    if not drain.ended:
+        end = ev.RunEnded(status="interrupted", step=drain.last_step, message=message,
+                          checkpoint_dir=str(ckpts[-1]) if ckpts else None)
+        for sink in sinks:
+            sink.handle(end)
+    return Outcome(status="interrupted", history=[], final_loss=None, eval_metrics={},
+                   checkpoint_dir=str(ckpts[-1]) if ckpts else None, distributed_type=plan.distributed_type,
+                   num_processes=plan.procs, message=message, notes=list(plan.notes))
+
+
+def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, sinks) -> TrainingError:
+    if drain.failures:
+        first = min(drain.failures, key=lambda f: f.rank)
+        where = f"rank {first.rank}" if plan.procs > 1 else "training"
+        error = TrainingError(f"{where} failed: {first.error_type}: {first.message}", first.traceback)
+    else:
+        error = TrainingError(_describe_launch_error(launch_error, plan))
+    if not drain.ended:
+        end = ev.RunEnded(status="failed", step=drain.last_step, message=str(error))
+        for sink in sinks:
+            sink.handle(end)
+    return error
+
+
+def _describe_launch_error(exc: BaseException | None, plan: Plan) -> str:
+    failures = getattr(exc, "failures", None)
+    if failures:
+        parts = []
+        for local_rank, failure in sorted(failures.items()):
+            code = getattr(failure, "exitcode", None)
+            if code is not None and code < 0:
+                try:
+                    how = f"killed by {signal.Signals(-code).name}"
+                except ValueError:
+                    how = f"killed by signal {-code}"
+            else:
+                how = f"exited with code {code}"
+            parts.append(f"rank {getattr(failure, 'rank', local_rank)} {how}")
+        return "; ".join(parts) + ". The other workers were stopped. Fix: resume with --resume latest"
+    return f"{type(exc).__name__}: {exc}"
+

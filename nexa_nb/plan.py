@@ -1,0 +1,240 @@
+"""Configuration + hardware -> a resolved plan, with a note for every fallback.
+
+The plan is what actually runs: the exact `Accelerator` arguments, a complete DeepSpeed
+config (no "auto" left for DeepSpeed or Accelerate to guess), the batch arithmetic, the
+learning rate after scaling, the environment each worker needs, and the memory table.
+Nothing here touches a GPU or imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nexa_nb.config import ConfigError, TrainConfig
+from nexa_nb.hardware import Hardware, probe
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: TrainConfig
+    device: str
+    """"cuda" or "cpu": where the workers train."""
+    precision: str
+    """The precision that runs (after any fallback): "no", "fp16" or "bf16"."""
+    procs: int
+    micro_batch: int
+    grad_accum: int
+    effective_batch: int
+    """micro_batch x grad_accum x procs: samples per optimizer step."""
+    lr: float
+    """Learning rate after the scaling rule."""
+    distributed_type: str
+    """What Accelerate will report: "NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED" or "FSDP"."""
+    accelerator_kwargs: dict[str, Any]
+    deepspeed_config: dict[str, Any] | None
+    worker_env: dict[str, str]
+    notes: tuple[str, ...] = ()
+    memory: tuple = ()
+    """`nexa_nb.memory.StateMemory` rows, when the parameter count is known."""
+    recommendation: Any = None
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.deepspeed_config is not None
+
+    def summary(self) -> dict[str, Any]:
+        """The few facts a header or a log line needs."""
+        c = self.config
+        return {
+            "zero": c.zero,
+            "offload_optimizer": c.offload_optimizer,
+            "offload_param": c.offload_param,
+            "precision": self.precision,
+            "procs": self.procs,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "effective_batch": self.effective_batch,
+            "lr": self.lr,
+            "distributed_type": self.distributed_type,
+            "device": self.device,
+        }
+
+    def describe(self) -> str:
+        """A few human lines: what runs, and every fallback taken."""
+        s = self.summary()
+        backend = f"DeepSpeed ZeRO-{s['zero']}" if self.uses_deepspeed else ("FSDP" if self.config.fsdp else "Accelerate")
+        offload = []
+        if s["offload_optimizer"] != "none":
+            offload.append(f"optimizer->{s['offload_optimizer']}")
+        if s["offload_param"] != "none":
+            offload.append(f"params->{s['offload_param']}")
+        lines = [
+            f"{backend}{' (offload ' + ', '.join(offload) + ')' if offload else ''}, "
+            f"{ {'no': 'fp32', 'fp16': 'fp16', 'bf16': 'bf16'}[self.precision]}, {self.procs} x {self.device.upper()} "
+            f"({self.distributed_type})",
+            f"batch: micro {self.micro_batch} x accumulation {self.grad_accum} x {self.procs} procs "
+            f"= effective {self.effective_batch}; lr {self.lr:g}",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def deepspeed_json(self) -> str:
+        return json.dumps(self.deepspeed_config, indent=2) if self.deepspeed_config else "null"
+
+
+def scale_lr(lr: float, rule: str, effective_batch: int, reference_batch: int) -> float:
+    """The explicit learning-rate scaling rule: none, linear (Goyal et al.) or sqrt (Krizhevsky)."""
+    ratio = effective_batch / reference_batch
+    if rule == "linear":
+        return lr * ratio
+    if rule == "sqrt":
+        return lr * math.sqrt(ratio)
+    return lr
+
+
+def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
+              total_params: int | None = None, largest_layer_params: int | None = None) -> Plan:
+    """Resolve `config` for `hardware` (probed when not given). Raises `ConfigError`."""
+    hw = probe() if hardware is None else hardware
+    c = config
+    notes: list[str] = []
+
+    def fallback(field_name: str, message: str, fix: str) -> None:
+        if c.strict:
+            raise ConfigError(field_name, message + " (strict mode)", fix)
+        notes.append(message)
+
+    # device
+    on_cuda = hw.has_cuda and not c.force_cpu
+    device = "cuda" if on_cuda else "cpu"
+    if on_cuda and c.procs > len(hw.gpus):
+        raise ConfigError("procs", f"{c.procs} processes asked but this machine has {len(hw.gpus)} GPU(s)",
+                          f"pass --procs {len(hw.gpus)} or fewer")
+    if not on_cuda and c.procs > max(hw.cpu_cores, 1) * 4:
+        raise ConfigError("procs", f"{c.procs} CPU processes on {hw.cpu_cores} cores would thrash",
+                          f"pass --procs {hw.cpu_cores} or fewer")
+
+    # precision
+    precision = c.precision
+    if precision == "fp16" and not on_cuda:
+        fallback("precision", "fp16 needs a CUDA GPU; this run trains in bf16 on the CPU instead",
+                 "pass --bf16 or --fp32, or run on a GPU")
+        precision = "bf16"
+    elif precision == "bf16" and on_cuda and not hw.bf16_gpu:
+        fallback("precision", "this GPU has no fast bf16; this run trains in fp16 instead",
+                 "pass --fp16 or --fp32")
+        precision = "fp16"
+
+    # FSDP
+    if c.fsdp and not on_cuda:
+        raise ConfigError("fsdp", "FSDP needs CUDA GPUs and none is available",
+                          "use --zero 3 for sharding on the CPU, or run on GPUs")
+
+    # batch arithmetic
+    grad_accum = c.target_batch // (c.batch_size * c.procs) if c.target_batch is not None else c.grad_accum
+    effective = c.batch_size * grad_accum * c.procs
+    reference = c.lr_reference_batch or c.batch_size
+    lr = scale_lr(c.lr, c.lr_scaling, effective, reference)
+    if c.lr_scaling != "none":
+        notes.append(f"lr scaled {c.lr_scaling} from {c.lr:g} (tuned for batch {reference}) to {lr:g} for batch {effective}")
+
+    # what Accelerate will report
+    if c.zero is not None:
+        distributed_type = "DEEPSPEED"
+    elif c.fsdp:
+        distributed_type = "FSDP"
+    elif c.procs > 1:
+        distributed_type = "MULTI_GPU" if on_cuda else "MULTI_CPU"
+    else:
+        distributed_type = "NO"
+
+    accelerator_kwargs: dict[str, Any] = {
+        "mixed_precision": precision,
+        "gradient_accumulation_steps": grad_accum,
+        # cpu=True is what makes Accelerate set up gloo for several CPU processes; it must not
+        # be passed with DeepSpeed, which it silently drops (see launch.py).
+        "cpu": (not on_cuda) and c.zero is None,
+    }
+    if c.trackers:
+        accelerator_kwargs["log_with"] = list(c.trackers)
+        accelerator_kwargs["project_dir"] = c.log_dir or c.ckpt_dir or "nexa_runs"
+
+    ds_config = deepspeed_config(c, precision=precision, grad_accum=grad_accum, on_cuda=on_cuda) if c.zero is not None else None
+
+    worker_env = {"ACCELERATE_USE_DEEPSPEED": "true" if ds_config else "false",
+                  "ACCELERATE_MIXED_PRECISION": precision}
+    if c.fsdp:
+        worker_env["ACCELERATE_USE_FSDP"] = "true"
+    if not on_cuda:
+        worker_env["CUDA_VISIBLE_DEVICES"] = ""
+    if on_cuda and c.offload_optimizer != "none" and c.zero is not None:
+        notes.append("optimizer offload uses DeepSpeedCPUAdam, compiled on first use (about a minute), cached after")
+
+    memory_rows: tuple = ()
+    recommendation = None
+    if total_params:
+        from nexa_nb import memory
+
+        largest = largest_layer_params or total_params
+        devices = c.procs
+        memory_rows = tuple(memory.memory_table(total_params, largest, gpus_per_node=devices))
+        recommendation = memory.recommend(
+            total_params, largest,
+            device_bytes_available=hw.device_memory_bytes if on_cuda else hw.host_available_bytes // max(devices, 1),
+            host_bytes_available=hw.host_available_bytes, gpus_per_node=devices,
+            wanted_micro_batch=c.batch_size)
+
+    return Plan(config=c, device=device, precision=precision, procs=c.procs, micro_batch=c.batch_size,
+                grad_accum=grad_accum, effective_batch=effective, lr=lr, distributed_type=distributed_type,
+                accelerator_kwargs=accelerator_kwargs, deepspeed_config=ds_config, worker_env=worker_env,
+                notes=tuple(notes), memory=memory_rows, recommendation=recommendation)
+
+
+def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, on_cuda: bool) -> dict[str, Any]:
+    """A complete DeepSpeed config: every value explicit, nothing "auto"."""
+
+    def offload(device: str) -> dict[str, Any]:
+        section: dict[str, Any] = {"device": device, "pin_memory": on_cuda}  # pinning helps only host<->GPU copies
+        if device == "nvme":
+            section["nvme_path"] = c.nvme_path
+        return section
+
+    zero: dict[str, Any] = {
+        "stage": c.zero,
+        "contiguous_gradients": True,
+        "overlap_comm": on_cuda,  # overlapping needs CUDA streams; on CPU it only adds copies
+        "reduce_bucket_size": 50_000_000,  # DeepSpeed's own default, written out
+        "allgather_bucket_size": 50_000_000,
+    }
+    if c.offload_optimizer != "none":
+        zero["offload_optimizer"] = offload(c.offload_optimizer)
+    if c.zero == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": 50_000_000,
+            "stage3_param_persistence_threshold": 100_000,
+            "stage3_max_live_parameters": 1_000_000_000,
+            "stage3_gather_16bit_weights_on_model_save": True,  # save_model writes whole weights
+        })
+        if c.offload_param != "none":
+            zero["offload_param"] = offload(c.offload_param)
+    return {
+        "train_batch_size": c.batch_size * grad_accum * c.procs,
+        "train_micro_batch_size_per_gpu": c.batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": c.clip_norm or 0.0,
+        "zero_optimization": zero,
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # nexa_nb reports progress itself
+        "wall_clock_breakdown": False,
+    }
+
+
+def with_overrides(plan: Plan, **changes) -> Plan:
+    """Re-plan with some config fields changed (used by OOM back-off)."""
+    return make_plan(replace(plan.config, **changes))
