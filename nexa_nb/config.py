@@ -141,7 +141,7 @@ _ACCELERATE_IGNORED_KEYS = {
     "main_training_function", "num_machines", "rdzv_backend", "same_network", "tpu_env",
     "tpu_use_cluster", "tpu_use_sudo", "main_process_ip", "main_process_port", "gpu_ids",
     "dynamo_config", "ipex_config", "mpirun_config", "megatron_lm_config", "tpu_name",
-    "tpu_zone", "commands", "command_file", "parallelism_config", "fp8_config",
+    "tpu_zone", "tpu_vm", "commands", "command_file", "parallelism_config", "fp8_config",
 }
 _ACCELERATE_KEYS = _ACCELERATE_IGNORED_KEYS | {
     "distributed_type", "mixed_precision", "num_processes", "use_cpu", "deepspeed_config",
@@ -282,8 +282,9 @@ def read_accelerate_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], str |
                           "remove or correct them (compare with a file written by `accelerate config`)")
     out: dict[str, Any] = {}
     ds_file = None
-    if "mixed_precision" in data:
-        out["precision"] = str(data["mixed_precision"]).lower()
+    mixed_precision = data.get("mixed_precision")
+    if mixed_precision is not None:  # null: accelerate's "not set"; an unquoted `no` reads as false
+        out["precision"] = "no" if mixed_precision is False else str(mixed_precision).lower()
     if "num_processes" in data:
         out["procs"] = data["num_processes"]
     if data.get("use_cpu") is True:
@@ -530,7 +531,9 @@ def validate(cfg: TrainConfig) -> None:
              f"{cfg.target_batch} is not a multiple of batch_size x procs = {cfg.batch_size} x {cfg.procs} = {per_step}",
              f"pass --target-batch {max(per_step, cfg.target_batch // per_step * per_step)} or change --batch-size")
         derived = cfg.target_batch // per_step
-        need(cfg.source_of("grad_accum") == "default" or cfg.grad_accum == derived, "grad_accum",
+        # a grad_accum from an earlier layer (say an accelerate YAML) gives way to the target batch
+        earlier = _layer_rank(cfg.source_of("grad_accum")) < _layer_rank(cfg.source_of("target_batch"))
+        need(earlier or cfg.grad_accum == derived, "grad_accum",
              f"--grad-accum {cfg.grad_accum} contradicts --target-batch {cfg.target_batch} "
              f"(which needs {derived} with batch {cfg.batch_size} x {cfg.procs} procs)",
              "pass only one of --grad-accum and --target-batch")
@@ -547,6 +550,15 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.resume is not None and cfg.resume != "latest":
         need(Path(cfg.resume).is_dir(), "resume", f"checkpoint {cfg.resume!r} does not exist",
              "pass a folder written by a previous run (ckpt_dir/step-N), or 'latest'")
+
+
+def _layer_rank(source: str) -> int:
+    """Where a source sits in the layer order: default < file < env < session < argument."""
+    if source == "default":
+        return 0
+    if source.startswith("env:"):
+        return 2
+    return {"session": 3, "argument": 4}.get(source, 1)
 
 
 def _check_writable_dir(path: str, name: str, flag: str) -> None:

@@ -266,7 +266,7 @@ def save_checkpoint(accelerator, ckpt_dir: str, step: int, state: dict[str, Any]
 
 # --- the loop -----------------------------------------------------------------------------
 
-def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None], *, copy_model: bool = False) -> Outcome:
+def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
     """Train `task` as `plan` says, in this process (one rank of the run)."""
     from accelerate.utils import set_seed
 
@@ -276,8 +276,6 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None], *, copy_model:
     set_seed(c.seed)
 
     model = task.build_model()
-    if copy_model and not task.model_is_factory():
-        model = copy.deepcopy(model)  # the caller's module stays untouched, as it does in forked workers
     if c.grad_ckpt:
         enable_gradient_checkpointing(model)
     if c.lora:

@@ -20,6 +20,7 @@ from functools import lru_cache
 class Gpu:
     name: str
     memory_bytes: int
+    compute_capability: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,16 @@ def _query_nvidia_smi() -> tuple[Gpu, ...]:
         return ()
     try:
         out = subprocess.run(
-            [exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            [exe, "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
     gpus = []
     for line in out.strip().splitlines():
-        name, _, mib = line.rpartition(",")
+        name, mib, capability = (part.strip() for part in line.rsplit(",", 2))
         try:
-            gpus.append(Gpu(name.strip(), int(float(mib)) * 1024 * 1024))
+            gpus.append(Gpu(name, int(float(mib)) * 1024 * 1024, float(capability)))
         except ValueError:
             continue
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -75,8 +76,7 @@ def probe() -> Hardware:
 
     gpus = _query_nvidia_smi()
     vm = psutil.virtual_memory()
-    # Every GPU generation that nvidia-smi names with these families supports bf16 (Ampere+).
-    bf16 = bool(gpus) and all(any(k in g.name for k in ("A100", "A10", "A30", "A40", "A6000", "L4", "L40", "H100", "H200", "H20", "B100", "B200", "GB200", "RTX 30", "RTX 40", "RTX 50")) for g in gpus)
+    bf16 = bool(gpus) and all(g.compute_capability >= 8.0 for g in gpus)  # bf16 tensor cores arrived with Ampere (sm_80)
     return Hardware(
         gpus=gpus,
         cpu_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,

@@ -8,7 +8,8 @@ What upstream gets wrong on this path, and what this module does about it:
 * ``cpu=True`` silently drops a DeepSpeed (or FSDP) plugin.
   -> never passed with DeepSpeed; the engine gives Accelerate the gloo backend instead.
 * DeepSpeed in one process without a launcher falls into MPI discovery.
-  -> the launcher sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+  -> one process is forked like N, through torch's elastic launcher, which sets RANK,
+  LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (and the kernel stays clean).
 * DeepSpeed in two CPU processes: Accelerate and DeepSpeed disagree on the world size.
   -> the explicit backend makes Accelerate count the processes; the DeepSpeed config
   carries an explicit ``train_batch_size``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -49,7 +51,13 @@ class WorkerFailed:
 
 @dataclass(frozen=True)
 class WorkerDone:
-    outcome: Any
+    """Rank 0's outcome, pickled by the worker itself.
+
+    Tensors put on a multiprocessing queue travel as shared-memory handles that die with
+    the sending process; plain pickling copies the final weights into the message.
+    """
+
+    payload: bytes
 
 
 _STOP = "nexa-stop"
@@ -75,18 +83,13 @@ def refuse_if_cuda_initialised(plan: Plan) -> None:
         "bitsandbytes) inside the task's model factory, or pass --procs 1")
 
 
-@contextmanager
-def patched_environ(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def refuse_if_accelerator_in_kernel() -> None:
+    """An Accelerator made in a cell would be inherited, half-initialised, by every worker."""
+    state = sys.modules.get("accelerate.state")
+    if state is not None and state.AcceleratorState._shared_state:
+        raise TrainingError(
+            "an accelerate Accelerator (or AcceleratorState) was created in this kernel; nexa_nb builds its own "
+            "inside each worker. Fix: restart the kernel and remove Accelerator() from your cells")
 
 
 @contextmanager
@@ -101,35 +104,42 @@ def kept_signal_handlers():
                 signal.signal(sig, handler)
 
 
-def reset_kernel_state() -> None:
-    """Leave the kernel as it was before an in-kernel run: no Accelerate singletons, no process group."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    import torch.distributed as dist
+def _fork_one(worker, args, port: int) -> None:
+    """One worker process, forked the way `notebook_launcher` forks several.
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    `notebook_launcher` runs a single process in the kernel itself. That would leave
+    DeepSpeed's process groups, Accelerate's singletons and (on a GPU) an initialised
+    CUDA context in the kernel, and the next multi-process launch would inherit them.
+    Forking one worker keeps the kernel as clean as for N.
+    """
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1, run_id="nexa_nb",
+                          rdzv_endpoint=f"127.0.0.1:{port}", rdzv_backend="static", rdzv_configs={"rank": 0},
+                          max_restarts=0, monitor_interval=0.1, start_method="fork")
+    elastic_launch(config=config, entrypoint=worker)(*args)
 
 
-def _worker(plan: Plan, task: Task, queue, in_kernel: bool) -> None:
+def _worker(plan: Plan, task: Task, queue) -> None:
     """Entry point of every rank. Never lets an exception leave without reporting it."""
     from nexa_nb import engine
 
     rank = int(os.environ.get("RANK", "0"))
     try:
-        if not in_kernel:
-            os.environ.update(plan.worker_env)
+        os.environ.update(plan.worker_env)
+        if plan.procs == 1 and plan.deepspeed_config is None:
+            # With these set, Accelerate would report MULTI_CPU/MULTI_GPU for a single process.
+            for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+                os.environ.pop(name, None)
         if plan.device == "cpu":
             import psutil
             import torch
 
             cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
             torch.set_num_threads(max(1, cores // plan.procs))  # one core each; oversubscribing slows all ranks
-        outcome = engine.run(plan, task, queue.put, copy_model=in_kernel)
+        outcome = engine.run(plan, task, queue.put)
         if rank == 0:
-            queue.put(WorkerDone(outcome))
+            queue.put(WorkerDone(pickle.dumps(outcome)))
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
@@ -145,17 +155,22 @@ class _Drain:
         self.sinks = list(sinks)
         self.outcome = None
         self.failures: list[WorkerFailed] = []
+        self.lost: list[str] = []
         self.last_step = 0
         self.ended = False
         self.thread = threading.Thread(target=self._loop, name="nexa-drain", daemon=True)
 
     def _loop(self) -> None:
         while True:
-            item = self.queue.get()
+            try:
+                item = self.queue.get()
+            except Exception as exc:  # an event that cannot be unpickled must not end the drain
+                self.lost.append(f"{type(exc).__name__}: {exc}")
+                continue
             if isinstance(item, str) and item == _STOP:
                 return
             if isinstance(item, WorkerDone):
-                self.outcome = item.outcome
+                self.outcome = pickle.loads(item.payload)
             elif isinstance(item, WorkerFailed):
                 self.failures.append(item)
             else:
@@ -187,6 +202,7 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
     from accelerate import notebook_launcher
 
     refuse_if_cuda_initialised(plan)
+    refuse_if_accelerator_in_kernel()
     queue = multiprocessing.get_context("fork").SimpleQueue()
     port = free_port()
     sinks = list(sinks)
@@ -194,21 +210,11 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
     launch_error: BaseException | None = None
     with _Drain(queue, sinks) as drain:
         try:
-            if plan.procs == 1:
-                # notebook_launcher runs one process in the kernel itself; DeepSpeed still
-                # needs the variables a launcher would set.
-                env = dict(plan.worker_env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-                if plan.deepspeed_config is None:
-                    env = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-                with patched_environ(env):
-                    try:
-                        notebook_launcher(_worker, args=(plan, task, queue, True), num_processes=1)
-                    finally:
-                        reset_kernel_state()
-            else:
-                with kept_signal_handlers():
-                    notebook_launcher(_worker, args=(plan, task, queue, False), num_processes=plan.procs,
+            with kept_signal_handlers():
+                if plan.procs == 1:
+                    _fork_one(_worker, (plan, task, queue), port)
+                else:
+                    notebook_launcher(_worker, args=(plan, task, queue), num_processes=plan.procs,
                                       use_port=str(port), master_addr="127.0.0.1")
         except KeyboardInterrupt:
             interrupted = True
@@ -222,7 +228,8 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
     if drain.failures or launch_error is not None:
         raise _failure(plan, drain, launch_error, sinks)
     if drain.outcome is None:
-        raise TrainingError("training ended without a result from rank 0; see the workers' output above")
+        lost = f" (messages lost: {'; '.join(drain.lost)})" if drain.lost else ""
+        raise TrainingError(f"training ended without a result from rank 0{lost}; see the workers' output above")
     return drain.outcome
 
 

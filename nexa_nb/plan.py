@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 from nexa_nb.config import ConfigError, TrainConfig
@@ -234,7 +234,3 @@ def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, on_cuda
         "wall_clock_breakdown": False,
     }
 
-
-def with_overrides(plan: Plan, **changes) -> Plan:
-    """Re-plan with some config fields changed (used by OOM back-off)."""
-    return make_plan(replace(plan.config, **changes))

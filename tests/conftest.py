@@ -1,0 +1,54 @@
+"""Shared test fixtures: small, learnable tasks built in code (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests run several CPU worker processes on a 2-core machine: one thread each keeps them fair.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def regression_task(n: int = 256, dim: int = 8, hidden: int = 16, seed: int = 0, eval_n: int = 0, metrics=None):
+    """y = Xw + noise, learned by a small MLP; the model is a factory, built inside each worker."""
+    import torch
+
+    import nexa_nb
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + eval_n, dim, generator=g)
+    w = torch.randn(dim, 1, generator=g)
+    y = x @ w + 0.01 * torch.randn(n + eval_n, 1, generator=g)
+    pairs = list(zip(x, y))
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+
+    def loss_fn(out, batch):
+        return torch.nn.functional.mse_loss(out, batch[-1])
+
+    return nexa_nb.Task(model, pairs[:n], eval_data=pairs[n:] or None, loss_fn=loss_fn, metrics=metrics,
+                        name="regression")
+
+
+def weights_dump_metric(folder):
+    """A Task metric that writes each rank's full weights to `folder`: how a test sees every rank."""
+
+    def metric(model, batches):
+        import torch
+
+        rank = int(os.environ.get("RANK", "0"))
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        torch.save(state, os.path.join(folder, f"rank{rank}.pt"))
+        return {}
+
+    return metric
+
+
+@pytest.fixture
+def quiet():
+    """No console output from runs: a recording sink instead."""
+    from nexa_nb.events import RecordingSink
+
+    return RecordingSink()
