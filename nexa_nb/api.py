@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from nexa_nb.config import ConfigError, TrainConfig, resolve_config
 from nexa_nb.errors import TrainingError
+from nexa_nb.events import Note
 from nexa_nb.plan import Plan, make_plan
 from nexa_nb.task import Task
 
@@ -69,13 +70,57 @@ def train(task: Task, *, config: str | os.PathLike | None = None, session: Mappi
     cfg = resolve_config(config_file=config, session=session, arguments=options)
     plan = prepare(task, cfg)
     sinks = [ConsoleSink()] if sinks is None else list(sinks)
-    outcome = launch(plan, task, sinks)
+    while True:
+        saved_before = _checkpoints(plan)
+        try:
+            outcome = launch(plan, task, sinks)
+            break
+        except TrainingError as exc:
+            if exc.worker_error != "OutOfMemoryError":
+                raise
+            plan = smaller_micro_batch(plan, exc.rank, resume=_newest(_checkpoints(plan) - saved_before))
+            for sink in sinks:
+                sink.handle(Note(plan.notes[-1]))
     _last = TrainResult(history=outcome.history, final_loss=outcome.final_loss, plan=plan,
                         checkpoint_dir=outcome.checkpoint_dir, distributed_type=outcome.distributed_type,
                         num_processes=outcome.num_processes, status=outcome.status,
                         eval_metrics=outcome.eval_metrics, state_dict=outcome.state_dict, task=task,
                         message=outcome.message)
     return _last
+
+
+def smaller_micro_batch(plan: Plan, rank: int | None, resume: str | None) -> Plan:
+    """After an out-of-memory error: the same effective batch from smaller micro-batches.
+
+    Every rank restarts with the micro-batch divided (by its smallest factor) and the
+    accumulation multiplied by the same factor, so the effective batch, the learning rate
+    and the meaning of the loss curve stay the same; from the run's newest checkpoint when
+    it wrote one. Gives up at micro-batch 1.
+    """
+    micro = plan.micro_batch
+    where = f" on rank {rank}" if rank is not None and plan.procs > 1 else ""
+    if micro == 1:
+        raise TrainingError(
+            f"out of memory{where} at micro-batch 1; nothing left to split. Fix: --grad-ckpt, "
+            "--zero 3 --offload cpu, more processes, a smaller model or shorter inputs", worker_error="OutOfMemoryError")
+    factor = next(f for f in range(2, micro + 1) if micro % f == 0)
+    cfg = replace(plan.config, batch_size=micro // factor, grad_accum=plan.grad_accum * factor, target_batch=None,
+                  resume=resume or plan.config.resume)
+    smaller = make_plan(cfg, total_params=plan.total_params, largest_layer_params=plan.largest_layer_params)
+    note = (f"out of memory{where} at micro-batch {micro}: retrying with micro-batch {smaller.micro_batch} x "
+            f"accumulation {smaller.grad_accum} (effective batch {smaller.effective_batch}, unchanged)"
+            f"{', from ' + resume if resume else ''}")
+    return replace(smaller, notes=(*plan.notes, note))
+
+
+def _checkpoints(plan: Plan) -> set[str]:
+    from nexa_nb.engine import complete_checkpoints
+
+    return {str(p) for p in complete_checkpoints(plan.config.ckpt_dir)} if plan.config.ckpt_dir else set()
+
+
+def _newest(paths: set[str]) -> str | None:
+    return max(paths) if paths else None
 
 
 def prepare(task: Task, cfg: TrainConfig) -> Plan:
@@ -176,6 +221,8 @@ def _check_forward(task: Task, batch) -> None:
             extract_loss(outputs, batch, task.loss_fn)
     except TrainingError:
         raise
+    except torch.OutOfMemoryError:
+        pass  # the kernel's memory is not the workers' devices: the run adapts its micro-batch
     except Exception as exc:
         raise TrainingError(f"the model's forward failed on the first batch ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); check that the dataset's samples "

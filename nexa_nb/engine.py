@@ -203,6 +203,15 @@ def count_tokens(batch) -> int | None:
     return None
 
 
+def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """Names and shapes of every parameter: enough to tell another model's checkpoint apart."""
+    import hashlib
+
+    shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "digest": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
+
+
 def memory_sample(device: torch.device) -> ev.MemorySample:
     import psutil
 
@@ -280,6 +289,7 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
         enable_gradient_checkpointing(model)
     if c.lora:
         model = apply_lora(model, plan)
+    fingerprint = model_fingerprint(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError("the model has no trainable parameter (all requires_grad=False)")
@@ -316,8 +326,15 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
         resume_path = _resume_path(c)
         state = read_checkpoint_state(resume_path)
         _check_resumable(state, plan)
+        if state.get("model") not in (None, fingerprint):
+            raise TrainingError(
+                f"{resume_path} holds another model ({state['model']['params']:,} parameters) than this task "
+                f"({fingerprint['params']:,}); resume with the task and LoRA settings that wrote it, or drop --resume")
         accelerator.load_state(str(resume_path))
         step = state["step"]
+        # Accelerate counts micro-steps to find accumulation boundaries; after an out-of-memory
+        # restart the accumulation differs from the checkpoint's, so count from this run's.
+        accelerator.step = step * plan.grad_accum
         history = state.get("history", [])
 
     if c.trackers:
@@ -334,7 +351,7 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
 
     def ckpt_state():
         return {"step": step, "procs": plan.procs, "zero": c.zero, "micro_batch": plan.micro_batch,
-                "grad_accum": plan.grad_accum, "history": history, "task": task.name}
+                "grad_accum": plan.grad_accum, "history": history, "task": task.name, "model": fingerprint}
 
     try:
         model.train()
@@ -391,7 +408,8 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
                                 tokens_per_s=(tokens / elapsed) if tokens and elapsed > 0 else None,
                                 memory=memory_sample(accelerator.device), epoch=epoch, grad_accum=plan.grad_accum,
                                 micro_batch=plan.micro_batch, accum_time_s=elapsed,
-                                mean_grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None))
+                                mean_grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None,
+                                mean_loss=global_loss))
                 if c.trackers:
                     accelerator.log({"train/loss": global_loss, "train/lr": lr,
                                      **({"train/grad_norm": norm} if norm is not None else {})}, step=step)

@@ -47,7 +47,7 @@ class MicroStep:
 
 @dataclass(frozen=True)
 class StepEnd:
-    """One optimizer step finished on `rank`."""
+    """One optimizer step finished on `rank`. `loss` is this rank's; `mean_loss` is averaged over ranks."""
 
     rank: int
     step: int
@@ -63,6 +63,7 @@ class StepEnd:
     micro_batch: int = 1
     accum_time_s: float = 0.0
     mean_grad_norm: float | None = None
+    mean_loss: float | None = None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@
 The task travels by reference where it can: functions and classes defined in a module, and
 datasets that are a module's global, are imported by the script.  Everything else (what the
 notebook defined in ``__main__``, data built in a cell, a model instance with its current
-weights) is serialised with cloudpickle.
+weights) is saved by value with ``torch.save`` and cloudpickle.
 
 What ``accelerate launch`` needed (accelerate 1.15):
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import platform
 import pprint
@@ -45,7 +46,7 @@ from typing import Any
 
 import cloudpickle
 
-from nexa_nb.config import TrainConfig
+from nexa_nb.config import ConfigError, TrainConfig
 from nexa_nb.errors import TrainingError
 from nexa_nb.plan import Plan, make_plan
 from nexa_nb.task import Task
@@ -84,7 +85,7 @@ def accelerate_yaml(config: TrainConfig, *, num_machines: int = 1) -> str:
     import yaml
 
     if num_machines < 1:
-        raise ValueError(f"num_machines must be at least 1, got {num_machines}")
+        raise ConfigError("num_machines", f"must be at least 1, got {num_machines}", "pass 1 or more")
     plan = make_plan(config)
     world = config.procs * num_machines
     dist = _launch_type(plan, world)
@@ -104,7 +105,7 @@ def accelerate_yaml(config: TrainConfig, *, num_machines: int = 1) -> str:
         ds: dict[str, Any] = {
             "deepspeed_multinode_launcher": "standard",
             "gradient_accumulation_steps": plan.grad_accum,
-            "gradient_clipping": config.clip_norm or 0.0,
+            "gradient_clipping": config.clip_norm or 0.0,  # 0: no clipping
             "offload_optimizer_device": config.offload_optimizer,
             "offload_param_device": config.offload_param,
             "zero3_init_flag": False,
@@ -139,6 +140,7 @@ def save_accelerate_config(config: TrainConfig, path: str | os.PathLike) -> str:
 # --- how each part of the task travels ----------------------------------------------------
 
 def _attribute(module_name: str, dotted: str) -> Any:
+    """``module.a.b`` for ``dotted == "a.b"``."""
     obj = sys.modules[module_name]
     for part in dotted.split("."):
         obj = getattr(obj, part)
@@ -196,7 +198,9 @@ class _TaskPickler(cloudpickle.Pickler):
     export time, where the task meant to read the file itself.
     """
 
-    imported: set[str]
+    def __init__(self, file, protocol=None, imported: set[str] | None = None):
+        super().__init__(file, protocol=protocol)
+        self.imported = set() if imported is None else imported
 
     def reducer_override(self, obj):
         if isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
@@ -219,8 +223,9 @@ def _save_by_value(obj: Any) -> tuple[bytes, set[str]]:
 
     modules: set[str] = set()
 
-    class Pickler(_TaskPickler):
-        imported = modules
+    class Pickler(_TaskPickler):  # torch.save builds the pickler itself: hand it the set to fill
+        def __init__(self, file, protocol=None):
+            super().__init__(file, protocol, imported=modules)
 
     buffer = io.BytesIO()
     torch.save(obj, buffer, pickle_module=types.SimpleNamespace(__name__="cloudpickle", Pickler=Pickler))
@@ -260,10 +265,8 @@ def _culprit(obj: Any, path: str, seen: set[int], depth: int = 0) -> tuple[str, 
     if id(obj) in seen:
         return None
     seen.add(id(obj))
-    pickler = _TaskPickler(io.BytesIO())
-    pickler.imported = set()
     try:
-        pickler.dump(obj)
+        _TaskPickler(io.BytesIO()).dump(obj)
         return None
     except Exception as exc:
         error = exc
@@ -327,7 +330,7 @@ def _write_all(files: dict[Path, bytes]) -> None:
 # --- the script ------------------------------------------------------------------------------
 
 _SCRIPT = string.Template('''\
-"""Train the nexa_nb task $name (`$task_var` in the notebook) under accelerate launch.
+r"""Train the nexa_nb task $name (`$task_var` in the notebook) under accelerate launch.
 
     $command [--history-out losses.json]
 
@@ -337,7 +340,7 @@ Exported by nexa_nb $versions.
 $imports
 
 from nexa_nb import Task, engine
-from nexa_nb.config import TrainConfig, validate
+from nexa_nb.config import resolve_config
 from nexa_nb.plan import make_plan
 from nexa_nb.sinks.console import ConsoleSink
 
@@ -354,10 +357,10 @@ def main():
     parser.add_argument("--history-out", metavar="PATH", help="write the loss history (JSON) here from rank 0")
     args = parser.parse_args()
 
-    # Plan for the world accelerate launch started (all processes on all machines).
+    # Plan for the world accelerate launch started (all processes on all machines). The values
+    # above are complete: no environment variable may change them (environ={}).
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    config = replace(TrainConfig(**CONFIG), procs=world)
-    validate(config)
+    config = resolve_config(environ={}, arguments={**CONFIG, "procs": world})
     plan = make_plan(config)
 
     # The plan says all that the YAML's deepspeed_config / fsdp_config say, and Accelerate
@@ -407,13 +410,16 @@ def _script(task: Task, task_var: str, config: TrainConfig, command: str,
 
     from nexa_nb import __version__
 
-    imports = ["import argparse", "import json", "import os", "from dataclasses import replace",
-               "from pathlib import Path", *(["", "import torch"] if task_file else [])]
+    imports = ["import argparse", "import json", "import os", "from pathlib import Path",
+               *(["", "import torch"] if task_file else [])]
     versions = (f"{__version__} (torch {torch.__version__}, cloudpickle {cloudpickle.__version__}, "
                 f"Python {platform.python_version()})")
-    config_literal = pprint.pformat(config.as_dict(), sort_dicts=False, width=100)
+    values = config.as_dict()
+    if config.target_batch is not None:
+        del values["grad_accum"]  # derived from target_batch for the world the script runs in
+    config_literal = pprint.pformat(values, sort_dicts=False, width=100)
     return _SCRIPT.substitute(
-        name=repr(task.name), task_var=task_var, command=command, versions=versions, imports="\n".join(imports),
+        name=json.dumps(task.name), task_var=task_var, command=command, versions=versions, imports="\n".join(imports),
         config=config_literal.replace("\n", "\n" + " " * len("CONFIG = ")),
         load_task=_load_task_source(references, task.name, task_file))
 
@@ -436,9 +442,14 @@ def export_script(task: Task, config: TrainConfig, script_path: str | os.PathLik
     """
     if not isinstance(task, Task):
         raise TrainingError(f"expected a nexa_nb.Task, got {type(task).__name__}")
+    if not task_var.isidentifier():
+        raise TrainingError(f"task_var must be a Python name, got {task_var!r}")
     script = Path(script_path)
     yaml_path = Path(accelerate_config_path) if accelerate_config_path is not None else script.with_suffix(".accelerate.yaml")
     pkl_path = script.with_suffix(".task.pkl")
+    if script.stem in {name.split(".")[0] for name in sys.modules}:
+        raise TrainingError(f"cannot export the task: a script named {script.name} would be imported instead of "
+                            f"the module {script.stem!r} when it runs; give the script another name")
     plan = make_plan(config)
 
     references: dict[str, tuple[str, str]] = {}

@@ -22,6 +22,7 @@ What upstream gets wrong on this path, and what this module does about it:
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -203,6 +204,12 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
 
     refuse_if_cuda_initialised(plan)
     refuse_if_accelerator_in_kernel()
+    # A forked worker inherits the kernel's garbage. If it collects an object that owned a
+    # thread in the kernel (a previous launch's TCPStore), its destructor joins a thread that
+    # does not exist in the child and the worker hangs. Collect here, and hide what is left
+    # from the workers' collector.
+    gc.collect()
+    gc.freeze()
     queue = multiprocessing.get_context("fork").SimpleQueue()
     port = free_port()
     sinks = list(sinks)
@@ -223,6 +230,8 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
                 interrupted = True
             else:
                 launch_error = exc
+        finally:
+            gc.unfreeze()
     if interrupted:
         return _interrupted_outcome(plan, drain, sinks)
     if drain.failures or launch_error is not None:
@@ -251,12 +260,33 @@ def _interrupted_outcome(plan: Plan, drain: _Drain, sinks) -> Any:
 
 
 def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, sinks) -> TrainingError:
-    if drain.failures:
-        first = min(drain.failures, key=lambda f: f.rank)
-        where = f"rank {first.rank}" if plan.procs > 1 else "training"
-        error = TrainingError(f"{where} failed: {first.error_type}: {first.message}", first.traceback)
+    """One error that names the cause, not its echoes.
+
+    When one rank dies, its peers fail too ("Connection closed by peer", or the stop signal
+    the agent sends them). The cause is, in order: an out-of-memory error anywhere (the
+    caller retries with a smaller micro-batch), a worker's own error, a rank that died
+    without a word (killed by a signal), and only then an echo.
+    """
+    oom = [f for f in drain.failures if f.error_type == "OutOfMemoryError"]
+    own = [f for f in drain.failures if not _is_echo(f)]
+    reported = {f.rank for f in drain.failures}
+    silent = [f"rank {r} died without reporting an error (killed by a signal, e.g. SIGKILL or the "
+              "out-of-memory killer)" for r in range(plan.procs) if r not in reported]
+    killed = _killed_ranks(launch_error) or (silent if drain.failures else [])
+    if oom or own:
+        first = (oom or own)[0]
+        where = f"rank {first.rank}: " if plan.procs > 1 else ""
+        kind = "" if first.error_type == "TrainingError" else f"{first.error_type}: "
+        error = TrainingError(f"{where}{kind}{first.message}", first.traceback, first.error_type, first.rank)
+    elif killed:
+        error = TrainingError("; ".join(killed) + ". The other workers were stopped. "
+                              "Fix: run again with --resume latest to continue from the last checkpoint")
+    elif drain.failures:
+        first = drain.failures[0]
+        error = TrainingError(f"rank {first.rank}: {first.error_type}: {first.message}", first.traceback,
+                              first.error_type, first.rank)
     else:
-        error = TrainingError(_describe_launch_error(launch_error, plan))
+        error = TrainingError(f"the launch failed: {type(launch_error).__name__}: {launch_error}")
     if not drain.ended:
         end = ev.RunEnded(status="failed", step=drain.last_step, message=str(error))
         for sink in sinks:
@@ -264,20 +294,23 @@ def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, sink
     return error
 
 
-def _describe_launch_error(exc: BaseException | None, plan: Plan) -> str:
-    failures = getattr(exc, "failures", None)
-    if failures:
-        parts = []
-        for local_rank, failure in sorted(failures.items()):
-            code = getattr(failure, "exitcode", None)
-            if code is not None and code < 0:
-                try:
-                    how = f"killed by {signal.Signals(-code).name}"
-                except ValueError:
-                    how = f"killed by signal {-code}"
-            else:
-                how = f"exited with code {code}"
-            parts.append(f"rank {getattr(failure, 'rank', local_rank)} {how}")
-        return "; ".join(parts) + ". The other workers were stopped. Fix: resume with --resume latest"
-    return f"{type(exc).__name__}: {exc}"
+_ECHOES = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
 
+
+def _is_echo(failure: WorkerFailed) -> bool:
+    """A rank failing because a peer died or the agent stopped it, not for a reason of its own."""
+    return failure.error_type == "SignalException" or any(echo in failure.message for echo in _ECHOES)
+
+
+def _killed_ranks(exc: BaseException | None) -> list[str]:
+    """'rank R killed by SIGNAL' for every worker the elastic agent saw die from a signal."""
+    killed = []
+    for local_rank, failure in sorted((getattr(exc, "failures", None) or {}).items()):
+        code = getattr(failure, "exitcode", None)
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            killed.append(f"rank {getattr(failure, 'rank', local_rank)} killed by {name}")
+    return killed

@@ -1,6 +1,6 @@
 """The ``%nexa_*`` magics: thin commands over the Python API.
 
-Each magic parses its arguments, makes one call into the core and shows the outcome:
+Each magic parses its arguments, calls the core and shows the outcome; none trains by itself:
 
     %nexa_train   [TASK] [flags]      train a nexa_nb.Task, return its TrainResult
     %nexa_config  [flags]             set defaults for later runs, or show the resolved config
@@ -299,23 +299,24 @@ class NexaMagics(Magics):
         task = self.task_named(args.task)
         cfg = self.resolved(args)
         with core_errors():
-            plan = api.prepare(task, cfg)  # checks the task and data: nothing is started or written
+            plan = api.prepare(task, cfg)  # the plan to print; checks the task and data, starts nothing
         print(plan.describe())
         self.last_error = None
         if not self.dashboard:
             from nexa_nb.sinks.console import ConsoleSink
 
-            return self.run(task, args, PlanNotesShown(ConsoleSink()))
+            return self.train_with(task, args, PlanNotesShown(ConsoleSink()))
         from nexa_nb.sinks.dashboard import Dashboard
 
         board = Dashboard(refresh_interval=self.refresh_interval)
         board.show()
         try:
-            return self.run(task, args, board)
+            return self.train_with(task, args, board)
         finally:
             board.finalize()
 
-    def run(self, task: Task, args, sink):
+    def train_with(self, task: Task, args, sink):
+        """The one training call; a failure becomes one line, its worker traceback kept for %nexa_status."""
         try:
             return api.train(task, config=args.config or self.config_file, session=self.session,
                              sinks=[sink], **options_of(args))
@@ -352,7 +353,8 @@ class NexaMagics(Magics):
         """
         args = parse(self.nexa_config, line)
         if args.widget:
-            form = optional_module("nexa_nb.widgets_form", "set the defaults with flags, e.g. %nexa_config --zero 2")
+            form = optional_module("nexa_nb.widgets_form",
+                                   "set the defaults with flags, e.g. %nexa_config --zero 2")
             return form.show(self)
         session = {} if args.reset else dict(self.session)
         session.update(options_of(args))
@@ -363,7 +365,7 @@ class NexaMagics(Magics):
         changed = args.reset or args.config is not None or bool(options_of(args))
         self.session, self.config_file = session, config_file
         if args.save:
-            self.save(cfg, args.save)
+            self.save(plan, args.save)
         elif changed:
             shown = ", ".join(f"{k}={v!r}" for k, v in session.items()) or "none"
             print(f"defaults: {shown}" + (f"; config file: {config_file}" if config_file else ""))
@@ -377,14 +379,17 @@ class NexaMagics(Magics):
                 print("DeepSpeed config:")
                 print(plan.deepspeed_json())
 
-    def save(self, cfg, path: str) -> None:
+    def save(self, plan, path: str) -> None:
         export = optional_module("nexa_nb.export", "update nexa_nb")
         try:
-            export.save_accelerate_config(cfg, path)
+            export.save_accelerate_config(plan.config, path)
         except OSError as exc:
             raise UsageError(f"cannot write {path!r} ({exc.strerror or exc}). Fix: pass a file path in a "
                              "writable folder.") from None
         print(f"wrote {path}; run a script with it: accelerate launch --config_file {path} SCRIPT")
+        if plan.uses_deepspeed and plan.device == "cpu" and plan.procs > 1:
+            print("note: without a GPU, `accelerate test` fails on this file: its test script sets no gloo "
+                  "backend for DeepSpeed, so each process believes it is alone (nexa_nb's engine sets it)")
 
     @magic_arguments()
     @argument("task", nargs="?", metavar="TASK",
@@ -395,7 +400,8 @@ class NexaMagics(Magics):
     @argument("--largest-layer", type=parse_count, metavar="N",
               help="parameters of the largest layer, with --params (default: the whole model, which "
                    "overstates ZeRO-3).")
-    @argument("--gpus", type=positive(int), metavar="N", help="devices (default: the GPUs found; without GPUs, --procs).")
+    @argument("--gpus", type=positive(int), metavar="N",
+              help="devices (default: the GPUs found; without GPUs, --procs).")
     @argument("--gpu-mem", type=positive(float), metavar="GB",
               help="memory of one device in GiB (default: the smallest GPU found; without GPUs, the host "
                    "memory available, shared by the processes).")
@@ -424,9 +430,11 @@ class NexaMagics(Magics):
         hw = probe()
         devices = args.gpus if args.gpus is not None else len(hw.gpus) or cfg.procs
         if args.gpu_mem is not None:
-            device_bytes, where = int(args.gpu_mem * GiB), f"{memory.format_bytes(int(args.gpu_mem * GiB))} each"
+            device_bytes = int(args.gpu_mem * GiB)
+            where = f"{memory.format_bytes(device_bytes)} each"
         elif hw.gpus:
-            device_bytes, where = hw.device_memory_bytes, f"{hw.gpus[0].name}, {memory.format_bytes(hw.device_memory_bytes)} each"
+            device_bytes = hw.device_memory_bytes
+            where = f"{hw.gpus[0].name}, {memory.format_bytes(device_bytes)} each"
         else:
             device_bytes = hw.host_available_bytes // devices
             where = (f"no GPU: host memory is the device memory, {memory.format_bytes(hw.host_available_bytes)} "
@@ -461,9 +469,9 @@ class NexaMagics(Magics):
             print(self.last_error.worker_traceback if self.last_error else "no worker has failed in this kernel")
             return
         hw = probe()
-        gpus = ", ".join(f"{g.name} ({memory.format_bytes(g.memory_bytes)})" for g in hw.gpus) or "no GPU (CPU processes)"
-        print(f"devices: {gpus}; host: {hw.cpu_cores} cores, {memory.format_bytes(hw.host_memory_bytes)} "
-              f"({memory.format_bytes(hw.host_available_bytes)} available)")
+        gpus = ", ".join(f"{g.name} ({memory.format_bytes(g.memory_bytes)})" for g in hw.gpus)
+        print(f"devices: {gpus or 'no GPU (CPU processes)'}; host: {hw.cpu_cores} cores, "
+              f"{memory.format_bytes(hw.host_memory_bytes)} ({memory.format_bytes(hw.host_available_bytes)} available)")
         try:
             print(make_plan(self.resolved()).describe())
         except (UsageError, ConfigError) as exc:

@@ -40,6 +40,8 @@ class Plan:
     memory: tuple = ()
     """`nexa_nb.memory.StateMemory` rows, when the parameter count is known."""
     recommendation: Any = None
+    total_params: int | None = None
+    largest_layer_params: int | None = None
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -190,7 +192,8 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
     return Plan(config=c, device=device, precision=precision, procs=c.procs, micro_batch=c.batch_size,
                 grad_accum=grad_accum, effective_batch=effective, lr=lr, distributed_type=distributed_type,
                 accelerator_kwargs=accelerator_kwargs, deepspeed_config=ds_config, worker_env=worker_env,
-                notes=tuple(notes), memory=memory_rows, recommendation=recommendation)
+                notes=tuple(notes), memory=memory_rows, recommendation=recommendation,
+                total_params=total_params, largest_layer_params=largest_layer_params)
 
 
 def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, on_cuda: bool) -> dict[str, Any]:

@@ -80,7 +80,8 @@ class ConsoleSink:
             self._write(line)
 
     def _step_line(self, event: StepEnd) -> str:
-        parts = [f"step {event.step}/{event.total_steps}", f"loss {event.loss:.4f}", f"lr {event.lr:.2e}"]
+        loss = event.loss if event.mean_loss is None else event.mean_loss
+        parts = [f"step {event.step}/{event.total_steps}", f"loss {loss:.4f}", f"lr {event.lr:.2e}"]
         if event.grad_norm is not None:
             parts.append(f"grad {event.grad_norm:.3f}")
         if self.show_speed:  # the whole run's rate: every rank runs the same micro-batch
