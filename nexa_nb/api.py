@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from nexa_nb.config import ConfigError, TrainConfig, resolve_config
 from nexa_nb.errors import TrainingError
@@ -29,6 +29,11 @@ class TrainResult:
     """The final weights on CPU (LoRA merged into the base model)."""
     task: Task | None = field(default=None, repr=False)
     message: str = ""
+
+    def __repr__(self) -> str:
+        loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
+        return (f"TrainResult({self.status}, {len(self.history)} steps, final_loss={loss}, "
+                f"{self.distributed_type} x {self.num_processes}, checkpoint_dir={self.checkpoint_dir!r})")
 
     @property
     def losses(self) -> list[float]:
@@ -56,12 +61,14 @@ def last_result() -> TrainResult | None:
 
 
 def train(task: Task, *, config: str | os.PathLike | None = None, session: Mapping[str, Any] | None = None,
-          sinks: Iterable | None = None, **options: Any) -> TrainResult:
+          sinks: Iterable | None = None, on_plan: Callable[[Plan], None] | None = None,
+          **options: Any) -> TrainResult:
     """Train `task`; keyword options are `TrainConfig` fields (zero=3, precision="bf16", procs=2, ...).
 
     Options layer over ``config`` (an accelerate YAML or DeepSpeed JSON), the environment
     variables and ``session`` defaults; see `nexa_nb.config`. Bad input raises `ConfigError`
-    or `TrainingError` before any process starts.
+    or `TrainingError` before any process starts. ``on_plan`` sees the checked plan just
+    before the workers start (the magics print it).
     """
     global _last
     from nexa_nb.launch import launch
@@ -69,6 +76,8 @@ def train(task: Task, *, config: str | os.PathLike | None = None, session: Mappi
 
     cfg = resolve_config(config_file=config, session=session, arguments=options)
     plan = prepare(task, cfg)
+    if on_plan is not None:
+        on_plan(plan)
     sinks = [ConsoleSink()] if sinks is None else list(sinks)
     while True:
         saved_before = _checkpoints(plan)

@@ -58,6 +58,8 @@ class TrainConfig:
     """The batch `lr` was tuned for (default: batch_size); only used when lr_scaling != "none"."""
     procs: int = 1
     """Worker processes on this machine (GPUs on a GPU host, CPU processes otherwise)."""
+    num_machines: int = 1
+    """Machines in the run (exported scripts under ``accelerate launch``); world size = procs x num_machines."""
 
     # --- DeepSpeed / FSDP ---------------------------------------------------------------
     zero: int | None = None
@@ -309,6 +311,8 @@ def read_accelerate_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], str |
                             ("gradient_clipping", "clip_norm")):
             if key in ds and not _is_auto(ds[key]):
                 out[target] = ds[key]
+        if out.get("clip_norm") == 0:
+            out["clip_norm"] = None  # accelerate and DeepSpeed write 0 for "no clipping"
         nvme = ds.get("offload_optimizer_nvme_path") or ds.get("offload_param_nvme_path")
         if nvme and nvme != "none":
             out["nvme_path"] = nvme
@@ -412,7 +416,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, bool):
             raise bad("True or False")
         return value
-    if name in ("batch_size", "grad_accum", "procs", "lora_r", "lora_alpha", "warmup_steps", "epochs", "seed") or \
+    if name in ("batch_size", "grad_accum", "procs", "num_machines", "lora_r", "lora_alpha", "warmup_steps", "epochs", "seed") or \
             name in ("target_batch", "lr_reference_batch", "zero", "max_steps", "ckpt_every", "eval_every"):
         if value is None and name in ("target_batch", "lr_reference_batch", "zero", "max_steps", "ckpt_every", "eval_every"):
             return None
@@ -488,6 +492,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.batch_size >= 1, "batch_size", f"must be at least 1, got {cfg.batch_size}", "pass --batch-size 1 or more")
     need(cfg.grad_accum >= 1, "grad_accum", f"must be at least 1, got {cfg.grad_accum}", "pass --grad-accum 1 or more")
     need(cfg.procs >= 1, "procs", f"must be at least 1, got {cfg.procs}", "pass --procs 1 or more")
+    need(cfg.num_machines >= 1, "num_machines", f"must be at least 1, got {cfg.num_machines}", "pass 1 or more")
     need(cfg.epochs >= 1, "epochs", f"must be at least 1, got {cfg.epochs}", "pass --epochs 1 or more")
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", f"must be at least 1, got {cfg.max_steps}",
          "pass --max-steps 1 or more, or leave it out to train for --epochs")
@@ -526,16 +531,18 @@ def validate(cfg: TrainConfig) -> None:
 
     # batch arithmetic
     if cfg.target_batch is not None:
-        per_step = cfg.batch_size * cfg.procs
+        world = cfg.procs * cfg.num_machines
+        per_step = cfg.batch_size * world
         need(cfg.target_batch >= per_step and cfg.target_batch % per_step == 0, "target_batch",
-             f"{cfg.target_batch} is not a multiple of batch_size x procs = {cfg.batch_size} x {cfg.procs} = {per_step}",
+             f"{cfg.target_batch} is not a multiple of batch_size x processes = {cfg.batch_size} x {world} = {per_step}",
              f"pass --target-batch {max(per_step, cfg.target_batch // per_step * per_step)} or change --batch-size")
         derived = cfg.target_batch // per_step
         # a grad_accum from an earlier layer (say an accelerate YAML) gives way to the target batch
-        earlier = _layer_rank(cfg.source_of("grad_accum")) < _layer_rank(cfg.source_of("target_batch"))
+        earlier = cfg.source_of("grad_accum") == "default" or \
+            _layer_rank(cfg.source_of("grad_accum")) < _layer_rank(cfg.source_of("target_batch"))
         need(earlier or cfg.grad_accum == derived, "grad_accum",
              f"--grad-accum {cfg.grad_accum} contradicts --target-batch {cfg.target_batch} "
-             f"(which needs {derived} with batch {cfg.batch_size} x {cfg.procs} procs)",
+             f"(which needs {derived} with batch {cfg.batch_size} x {world} processes)",
              "pass only one of --grad-accum and --target-batch")
 
     # checkpoints

@@ -83,6 +83,27 @@ def build_accelerator(plan: Plan):
     return accelerator
 
 
+def apply_worker_environment(plan: Plan) -> None:
+    """The plan's variables, and none of those a launcher derived from another config.
+
+    ``accelerate launch`` turns a YAML's ``deepspeed_config`` / ``fsdp_config`` into
+    ``ACCELERATE_DEEPSPEED_*``, ``ACCELERATE_GRADIENT_*`` and ``FSDP_*`` variables;
+    Accelerate then refuses them next to the plan's complete DeepSpeed config, or lets them
+    silently override the plan's accumulation.
+    """
+    launcher_overrides = ("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_", "FSDP_")
+    for name in [n for n in os.environ if n.startswith(launcher_overrides)]:
+        del os.environ[name]
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    os.environ.update(plan.worker_env)
+    if "mlflow" in plan.config.trackers:
+        # Offline unless the user points MLflow at a server: a file store beside the other logs.
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            store = Path(plan.accelerator_kwargs["project_dir"]).absolute() / "mlruns"
+            os.environ["MLFLOW_TRACKING_URI"] = store.as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny has no SQL store
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> str:
     """Transformers models use their own switch; any other module checkpoints each child."""
     if hasattr(model, "gradient_checkpointing_enable") and getattr(model, "supports_gradient_checkpointing", False):
@@ -280,6 +301,7 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
     from accelerate.utils import set_seed
 
     c = plan.config
+    apply_worker_environment(plan)
     accelerator = build_accelerator(plan)
     rank = accelerator.process_index
     set_seed(c.seed)

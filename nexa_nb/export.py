@@ -344,7 +344,7 @@ from nexa_nb.config import resolve_config
 from nexa_nb.plan import make_plan
 from nexa_nb.sinks.console import ConsoleSink
 
-# The notebook's resolved options; procs is replaced by the number of processes launched.
+# The notebook's resolved options; procs and num_machines are replaced by what was launched.
 CONFIG = $config
 
 
@@ -357,18 +357,12 @@ def main():
     parser.add_argument("--history-out", metavar="PATH", help="write the loss history (JSON) here from rank 0")
     args = parser.parse_args()
 
-    # Plan for the world accelerate launch started (all processes on all machines). The values
-    # above are complete: no environment variable may change them (environ={}).
+    # Plan for the world accelerate launch started (processes per machine x machines). The
+    # values above are complete: no environment variable may change them (environ={}).
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    config = resolve_config(environ={}, arguments={**CONFIG, "procs": world})
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    config = resolve_config(environ={}, arguments={**CONFIG, "procs": local, "num_machines": world // local})
     plan = make_plan(config)
-
-    # The plan says all that the YAML's deepspeed_config / fsdp_config say, and Accelerate
-    # refuses the variables accelerate launch derives from them next to the plan's own config.
-    for name in [n for n in os.environ if n.startswith(("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_", "FSDP_"))]:
-        del os.environ[name]
-    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
-    os.environ.update(plan.worker_env)
 
     task = load_task()
     rank = int(os.environ.get("RANK", "0"))

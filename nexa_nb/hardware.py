@@ -44,7 +44,9 @@ class Hardware:
         return self.host_memory_bytes
 
 
+@lru_cache(maxsize=1)
 def _query_nvidia_smi() -> tuple[Gpu, ...]:
+    """The GPUs, asked once per kernel: they do not change under it (host memory does)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return ()
@@ -69,9 +71,8 @@ def _query_nvidia_smi() -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
-@lru_cache(maxsize=1)
 def probe() -> Hardware:
-    """Describe this machine. Cached: the hardware does not change under a kernel."""
+    """Describe this machine now."""
     import psutil
 
     gpus = _query_nvidia_smi()

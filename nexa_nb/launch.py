@@ -127,7 +127,6 @@ def _worker(plan: Plan, task: Task, queue) -> None:
 
     rank = int(os.environ.get("RANK", "0"))
     try:
-        os.environ.update(plan.worker_env)
         if plan.procs == 1 and plan.deepspeed_config is None:
             # With these set, Accelerate would report MULTI_CPU/MULTI_GPU for a single process.
             for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):

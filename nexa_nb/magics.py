@@ -154,7 +154,11 @@ def core_errors(*more):
     try:
         yield
     except (ConfigError, TrainingError, *more) as exc:
-        raise UsageError(" ".join(str(exc).split())) from None
+        raise UsageError(one_line(exc)) from None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 # --- display helpers -------------------------------------------------------------------------
@@ -297,35 +301,39 @@ class NexaMagics(Magics):
         """
         args = parse(self.nexa_train, line)
         task = self.task_named(args.task)
-        cfg = self.resolved(args)
-        with core_errors():
-            plan = api.prepare(task, cfg)  # the plan to print; checks the task and data, starts nothing
-        print(plan.describe())
         self.last_error = None
-        if not self.dashboard:
+        if self.dashboard:
+            from nexa_nb.sinks.dashboard import Dashboard
+
+            sink = Dashboard(refresh_interval=self.refresh_interval)
+        else:
             from nexa_nb.sinks.console import ConsoleSink
 
-            return self.train_with(task, args, PlanNotesShown(ConsoleSink()))
-        from nexa_nb.sinks.dashboard import Dashboard
+            sink = PlanNotesShown(ConsoleSink())
+        shown = False
 
-        board = Dashboard(refresh_interval=self.refresh_interval)
-        board.show()
-        try:
-            return self.train_with(task, args, board)
-        finally:
-            board.finalize()
+        def show_plan(plan):
+            """Once the task and the flags passed every check: the plan, then the live view."""
+            nonlocal shown
+            print(plan.describe())
+            if self.dashboard:
+                sink.show()
+            shown = True
 
-    def train_with(self, task: Task, args, sink):
-        """The one training call; a failure becomes one line, its worker traceback kept for %nexa_status."""
         try:
             return api.train(task, config=args.config or self.config_file, session=self.session,
-                             sinks=[sink], **options_of(args))
+                             sinks=[sink], on_plan=show_plan, **options_of(args))
+        except ConfigError as exc:
+            raise UsageError(one_line(exc)) from None
         except TrainingError as exc:
-            self.last_error = exc
-            message = " ".join(str(exc).split())
-            if exc.worker_traceback:
+            message = one_line(exc)
+            if exc.worker_traceback:  # kept for %nexa_status --traceback, not printed
+                self.last_error = exc
                 message += " (the worker's traceback: %nexa_status --traceback)"
             raise UsageError(message) from None
+        finally:
+            if shown and self.dashboard:
+                sink.finalize()
 
     @magic_arguments()
     @argument("--reset", action="store_true", help="forget the defaults set so far (flags given with it apply "

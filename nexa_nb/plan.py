@@ -25,6 +25,7 @@ class Plan:
     precision: str
     """The precision that runs (after any fallback): "no", "fp16" or "bf16"."""
     procs: int
+    """Processes in the whole run (procs per machine x machines)."""
     micro_batch: int
     grad_accum: int
     effective_batch: int
@@ -136,8 +137,9 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
                           "use --zero 3 for sharding on the CPU, or run on GPUs")
 
     # batch arithmetic
-    grad_accum = c.target_batch // (c.batch_size * c.procs) if c.target_batch is not None else c.grad_accum
-    effective = c.batch_size * grad_accum * c.procs
+    world = c.procs * c.num_machines
+    grad_accum = c.target_batch // (c.batch_size * world) if c.target_batch is not None else c.grad_accum
+    effective = c.batch_size * grad_accum * world
     reference = c.lr_reference_batch or c.batch_size
     lr = scale_lr(c.lr, c.lr_scaling, effective, reference)
     if c.lr_scaling != "none":
@@ -148,7 +150,7 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
         distributed_type = "DEEPSPEED"
     elif c.fsdp:
         distributed_type = "FSDP"
-    elif c.procs > 1:
+    elif world > 1:
         distributed_type = "MULTI_GPU" if on_cuda else "MULTI_CPU"
     else:
         distributed_type = "NO"
@@ -164,7 +166,8 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
         accelerator_kwargs["log_with"] = list(c.trackers)
         accelerator_kwargs["project_dir"] = c.log_dir or c.ckpt_dir or "nexa_runs"
 
-    ds_config = deepspeed_config(c, precision=precision, grad_accum=grad_accum, on_cuda=on_cuda) if c.zero is not None else None
+    ds_config = deepspeed_config(c, precision=precision, grad_accum=grad_accum, world=world,
+                                 on_cuda=on_cuda) if c.zero is not None else None
 
     worker_env = {"ACCELERATE_USE_DEEPSPEED": "true" if ds_config else "false",
                   "ACCELERATE_MIXED_PRECISION": precision}
@@ -189,14 +192,14 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
             host_bytes_available=hw.host_available_bytes, gpus_per_node=devices,
             wanted_micro_batch=c.batch_size)
 
-    return Plan(config=c, device=device, precision=precision, procs=c.procs, micro_batch=c.batch_size,
+    return Plan(config=c, device=device, precision=precision, procs=world, micro_batch=c.batch_size,
                 grad_accum=grad_accum, effective_batch=effective, lr=lr, distributed_type=distributed_type,
                 accelerator_kwargs=accelerator_kwargs, deepspeed_config=ds_config, worker_env=worker_env,
                 notes=tuple(notes), memory=memory_rows, recommendation=recommendation,
                 total_params=total_params, largest_layer_params=largest_layer_params)
 
 
-def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, on_cuda: bool) -> dict[str, Any]:
+def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, world: int, on_cuda: bool) -> dict[str, Any]:
     """A complete DeepSpeed config: every value explicit, nothing "auto"."""
 
     def offload(device: str) -> dict[str, Any]:
@@ -224,7 +227,7 @@ def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, on_cuda
         if c.offload_param != "none":
             zero["offload_param"] = offload(c.offload_param)
     return {
-        "train_batch_size": c.batch_size * grad_accum * c.procs,
+        "train_batch_size": c.batch_size * grad_accum * world,
         "train_micro_batch_size_per_gpu": c.batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": c.clip_norm or 0.0,

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 # Tests run several CPU worker processes on a 2-core machine: one thread each keeps them fair.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# This environment's tools first, for the tests and every process they start: DeepSpeed
+# compiles its ops with the first `ninja` on PATH, and a different ninja rebuilds them.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def regression_task(n: int = 256, dim: int = 8, hidden: int = 16, seed: int = 0, eval_n: int = 0, metrics=None):

@@ -121,3 +121,10 @@ def test_trackers_write_offline_tensorboard_logs(tmp_path, quiet):
     pytest.importorskip("tensorboard")
     nexa_nb.train(regression_task(), sinks=[quiet], max_steps=3, trackers=["tensorboard"], log_dir=str(tmp_path))
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_trackers_write_offline_mlflow_runs(tmp_path, quiet):
+    pytest.importorskip("mlflow")
+    nexa_nb.train(regression_task(), sinks=[quiet], max_steps=3, trackers=["mlflow"], log_dir=str(tmp_path))
+    metrics = [p for p in tmp_path.rglob("metrics/*") if p.name.startswith("train")]
+    assert metrics, sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))[:20]

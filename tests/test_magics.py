@@ -23,6 +23,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import nexa_nb
 from nexa_nb import api, launch, memory
+from nexa_nb.api import prepare
 from nexa_nb import magics as magics_module
 from nexa_nb.config import FIELD_NAMES, resolve_config
 from nexa_nb.errors import TrainingError
@@ -90,8 +91,10 @@ def core(monkeypatch):
     """Record what `nexa_nb.api.train` receives instead of training."""
     calls = []
 
-    def train(task, **kwargs):
-        calls.append(dict(kwargs, task=task))
+    def train(task, *, config=None, session=None, sinks=None, on_plan=None, **options):
+        calls.append(dict(options, task=task, config=config, session=session, sinks=sinks, on_plan=on_plan))
+        if on_plan is not None:  # what the real train does before starting workers
+            on_plan(prepare(task, resolve_config(config_file=config, session=session, arguments=options)))
         return "trained"
 
     monkeypatch.setattr(api, "train", train)
@@ -99,7 +102,7 @@ def core(monkeypatch):
 
 
 def options(call: dict) -> dict:
-    return {k: v for k, v in call.items() if k not in ("task", "config", "session", "sinks")}
+    return {k: v for k, v in call.items() if k not in ("task", "config", "session", "sinks", "on_plan")}
 
 
 def usage_error(shell, magic: str, line: str) -> str:
@@ -262,7 +265,8 @@ def test_dashboard_is_finalized_when_a_worker_fails(shell, nexa, monkeypatch, ca
             self.finalized = True
             super().finalize()
 
-    def fail(task, **kwargs):
+    def fail(task, *, config=None, session=None, sinks=None, on_plan=None, **options):
+        on_plan(prepare(task, resolve_config(config_file=config, session=session, arguments=options)))
         raise TrainingError("rank 1: RuntimeError: out of luck", "Traceback (most recent call last):\n  boom\n")
 
     monkeypatch.setattr(dashboard, "Dashboard", Recorded)
