@@ -152,7 +152,7 @@ def _param_counts(task: Task) -> tuple[int | None, int | None]:
         return count_params(task.model)
     if not callable(task.model):
         raise TrainingError(f"Task.model must be a torch.nn.Module or a function returning one, "
-                            f"got {type(task.model).__name__}")
+                            f"got {type(task.model).__name__}; pass the model, or a function that builds it")
     return None, None
 
 

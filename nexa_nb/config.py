@@ -325,6 +325,8 @@ def read_accelerate_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], str |
 
 def read_config_file(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     """Read an accelerate YAML or a DeepSpeed JSON into (source, values) layers, in order."""
+    if Path(path).expanduser().is_dir():
+        raise ConfigError("config", f"{str(path)!r} is a folder, not a config file", "pass the file itself")
     suffix = Path(path).suffix.lower()
     if suffix == ".json":
         return [(str(path), read_deepspeed_json(path))]

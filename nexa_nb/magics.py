@@ -138,13 +138,31 @@ _ARGPARSE_FIXES = (
 )
 
 
+def _did_you_mean(parser, problem: str) -> str | None:
+    """'did you mean --zero?' for a mistyped flag."""
+    import difflib
+
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    typed = [word for word in problem.split(":", 1)[-1].split() if word.startswith("--")]
+    close = [difflib.get_close_matches(word, known, n=1) for word in typed]
+    suggestions = [(word, match[0]) for word, match in zip(typed, close) if match]
+    if not suggestions:
+        return None
+    if len(suggestions) == 1:
+        return f"did you mean {suggestions[0][1]}?"
+    return "did you mean " + ", ".join(f"{match} for {word}" for word, match in suggestions) + "?"
+
+
 def parse(magic, line: str):
     """Parse a magic's line; argparse's complaint becomes one UsageError line with the fix."""
+    magic.parser.allow_abbrev = False  # "--zer 3" is a typo to report, not --zero 3
     try:
         return parse_argstring(magic, line)
     except (UsageError, ValueError) as exc:
         problem = " ".join(str(exc).split()).rstrip(".")
         fix = next((fix for key, fix in _ARGPARSE_FIXES if key in problem), "correct the line")
+        if "unrecognized arguments" in problem:
+            fix = _did_you_mean(magic.parser, problem) or fix
         raise UsageError(f"{problem}. Fix: {fix} (%{real_name(magic)}? lists every flag).") from None
 
 

@@ -1,0 +1,272 @@
+"""What every figure shares: the step clock, A/B alternation, medians, the machine, the results file.
+
+Timing. Both sides of a comparison train the same `Task`, whose ``forward`` is a `StepClock`:
+it notes the wall time at the start of every forward pass, in whichever worker process runs
+it, and writes the times to a small file once the run has made all its forward passes. The
+start of optimizer step ``i`` is the start of its first micro-batch's forward, so the time from
+step ``k`` to step ``k + m`` covers ``m`` whole optimizer steps of the loop (data loading,
+forward, backward, all-reduce, clipping, the optimizer, and whatever the loop does between
+steps), and nothing of process start-up or tear-down. The same clock runs on both sides.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+VERSIONED = ("torch", "accelerate", "deepspeed", "transformers", "nexa-nb", "ipykernel", "ipywidgets", "nbclient")
+
+
+# --- the step clock ----------------------------------------------------------------------
+
+class StepClock:
+    """A ``Task.forward`` that notes when each forward pass starts (``time.time()``, per process).
+
+    ``calls`` is how many forward passes the run makes on each rank; after the last one, the
+    rank writes ``<folder>/<label>-rank<R>.json`` with the times and its torch thread count.
+    The forward itself is nexa_nb's default: ``model(**batch)`` for a dict batch,
+    ``model(*batch[:-1])`` for a tuple (the last item is the target).
+    """
+
+    def __init__(self, folder: str | os.PathLike, label: str, calls: int):
+        self.folder = str(folder)
+        self.label = label
+        self.calls = calls
+        self.times: list[float] = []
+
+    def __call__(self, model, batch):
+        self.times.append(time.time())
+        if len(self.times) == self.calls:
+            self._write()
+        if isinstance(batch, dict):
+            return model(**batch)
+        return model(*batch[:-1])
+
+    def _write(self) -> None:
+        import torch
+
+        rank = int(os.environ.get("RANK", "0"))
+        path = Path(self.folder) / f"{self.label}-rank{rank}.json"
+        path.write_text(json.dumps({"times": self.times, "threads": torch.get_num_threads(), "pid": os.getpid()}))
+
+
+def read_clock(folder: str | os.PathLike, label: str, rank: int = 0) -> dict[str, Any]:
+    path = Path(folder) / f"{label}-rank{rank}.json"
+    if not path.is_file():
+        raise RuntimeError(f"run {label!r} wrote no step times for rank {rank} (it failed or made fewer "
+                           "forward passes than planned); see its output above")
+    return json.loads(path.read_text())
+
+
+def step_starts(times: list[float], micro_per_step: int) -> list[float]:
+    """The start of every optimizer step: the first forward of each group of micro-batches."""
+    return times[::micro_per_step]
+
+
+def steady_seconds_per_step(times: list[float], micro_per_step: int, warmup: int, measured: int) -> float:
+    """Mean seconds per optimizer step over steps ``warmup .. warmup + measured - 1`` (0-based)."""
+    starts = step_starts(times, micro_per_step)
+    if len(starts) < warmup + measured + 1:
+        raise RuntimeError(f"need {warmup + measured + 1} step starts, got {len(starts)}")
+    return (starts[warmup + measured] - starts[warmup]) / measured
+
+
+@dataclass(frozen=True)
+class Steps:
+    """How many optimizer steps a timed run makes: ``warmup`` untimed, ``measured`` timed, and one
+    more whose start closes the timed interval."""
+
+    warmup: int
+    measured: int
+
+    @property
+    def total(self) -> int:
+        return self.warmup + self.measured + 1
+
+
+# --- A/B comparisons -----------------------------------------------------------------------
+
+def alternate(repeats: int, run_a: Callable[[int], float], run_b: Callable[[int], float],
+              log: Callable[[str], None] = print, names: tuple[str, str] = ("A", "B")) -> tuple[list[float], list[float]]:
+    """Run A, B, A, B, ... ``repeats`` times each, so that slow drift of the machine hits both sides."""
+    a, b = [], []
+    for i in range(repeats):
+        a.append(run_a(i))
+        b.append(run_b(i))
+        log(f"    pair {i + 1}/{repeats}: {names[0]} {a[-1]:.4g}  {names[1]} {b[-1]:.4g}")
+    return a, b
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target for a figure: ``>= x``, ``<= x`` or ``between lo and hi``. Informational only."""
+
+    low: float | None = None
+    high: float | None = None
+
+    def met(self, value: float | None) -> bool | None:
+        if value is None:
+            return None
+        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+    def text(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"{self.low:g} .. {self.high:g}"
+        return f">= {self.low:g}" if self.low is not None else f"<= {self.high:g}"
+
+
+def at_least(x: float) -> Goal:
+    return Goal(low=x)
+
+
+def at_most(x: float) -> Goal:
+    return Goal(high=x)
+
+
+def between(lo: float, hi: float) -> Goal:
+    return Goal(low=lo, high=hi)
+
+
+@dataclass
+class Figure:
+    """One row of the results table, and everything behind it in the JSON file."""
+
+    key: str
+    title: str
+    ratio: float | None
+    goal: Goal
+    n: int
+    unit: str = ""
+    """What the two sides measure (the ratio itself has no unit)."""
+    sides: dict[str, Any] = field(default_factory=dict)
+    """Side name -> {"values": raw figures in run order, "median": ...}."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Settings, checks and anything else a reader needs to trust the ratio."""
+    load_before: list[float] = field(default_factory=list)
+    load_after: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "ratio": self.ratio, "goal": self.goal.text(), "met_goal": self.goal.met(self.ratio),
+                "n": self.n, "unit": self.unit, "sides": self.sides, "details": self.details,
+                "load_average": {"before": self.load_before, "after": self.load_after}}
+
+
+def side(values: list[float]) -> dict[str, Any]:
+    return {"values": values, "median": median(values) if values else None,
+            "min": min(values) if values else None, "max": max(values) if values else None}
+
+
+def ab_figure(key: str, title: str, goal: Goal, unit: str, names: tuple[str, str], a: list[float], b: list[float],
+              higher_is_better: bool = True, **details: Any) -> Figure:
+    """A figure whose ratio is A / B, taken as the median of the per-pair ratios.
+
+    Each pair ran back to back, so its ratio is the least touched by drift; the medians of
+    each side are kept beside it.
+    """
+    del higher_is_better  # the ratio is always A / B; the goal says which way is good
+    pairs = [x / y for x, y in zip(a, b)]
+    details = {"pair_ratios": pairs, "ratio_of_medians": median(a) / median(b), **details}
+    return Figure(key, title, median(pairs), goal, len(pairs), unit, {names[0]: side(a), names[1]: side(b)}, details)
+
+
+# --- the machine -------------------------------------------------------------------------
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 2),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+# --- results -----------------------------------------------------------------------------
+
+def results_path(out_dir: str | os.PathLike, device: str, suffix: str = "") -> Path:
+    today = datetime.date.today().isoformat()
+    return Path(out_dir) / f"{today}-{device}{suffix}.json"
+
+
+def write_results(path: Path, *, device: str, settings: dict[str, Any], figures: list[Figure],
+                  load_before: list[float], load_after: list[float], extra: dict[str, Any] | None = None) -> None:
+    """Write the JSON atomically (a ``.tmp`` beside it, then renamed)."""
+    data = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device,
+        "machine": {**machine(), "load_average_before": load_before, "load_average_after": load_after},
+        "versions": versions(),
+        "settings": settings,
+        "figures": {f.key: f.as_dict() for f in figures},
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def table(figures: list[Figure]) -> str:
+    """figure | ratio | goal | met | n | load (1-minute average before -> after)."""
+    rows = [("figure", "ratio", "goal", "met goal", "n", "load 1m")]
+    for f in figures:
+        met = {True: "pass", False: "FAIL", None: "n/a"}[f.goal.met(f.ratio)]
+        ratio = "n/a" if f.ratio is None else f"{f.ratio:.3f}"
+        load = (f"{f.load_before[0]:.2f} -> {f.load_after[0]:.2f}" if f.load_before and f.load_after else "")
+        rows.append((f.title, ratio, f.goal.text(), met, str(f.n), load))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def timed_figure(fn: Callable[[], Figure]) -> Figure:
+    """Run one figure, noting the load average before and after it."""
+    before = load_average()
+    started = time.perf_counter()
+    fig = fn()
+    fig.load_before, fig.load_after = before, load_average()
+    fig.details.setdefault("wall_s", round(time.perf_counter() - started, 1))
+    return fig
