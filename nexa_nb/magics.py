@@ -20,6 +20,7 @@ Loading the magics imports neither torch nor DeepSpeed; they load when a run sta
 from __future__ import annotations
 
 import argparse
+import shlex
 import importlib
 import importlib.metadata
 from contextlib import contextmanager
@@ -32,7 +33,6 @@ from IPython.core.magic_arguments import (
     argument,
     argument_group,
     magic_arguments,
-    parse_argstring,
     real_name,
 )
 from traitlets import Bool, Float, Unicode
@@ -63,6 +63,15 @@ class one_of(ArgDecorator):
             exclusive.add_argument(*names, **options)
 
 
+def _zero_stage(text: str):
+    """--zero 0..3, or none: no DeepSpeed (to override a default set by %nexa_config)."""
+    if text.lower() == "none":
+        return None
+    if text not in ("0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ZeRO stage; use 0, 1, 2, 3 or none")
+    return int(text)
+
+
 def _precision(flag: str, value: str, text: str):
     return (flag,), dict(dest="precision", action="store_const", const=value, help=text)
 
@@ -71,8 +80,9 @@ def _precision(flag: str, value: str, text: str):
 # that is not typed stays out of the "argument" layer.
 CONFIG_FLAGS = (
     argument_group("DeepSpeed ZeRO and offload"),
-    argument("--zero", type=int, choices=(0, 1, 2, 3),
-             help="DeepSpeed ZeRO stage (zero=). Without it: plain Accelerate, DDP for several processes."),
+    argument("--zero", type=_zero_stage, metavar="{0,1,2,3,none}",
+             help="DeepSpeed ZeRO stage (zero=). Without it, or with none: plain Accelerate, DDP for several "
+                  "processes."),
     argument("--offload", "--offload-optimizer", dest="offload_optimizer", choices=OFFLOAD_DEVICES,
              help="where the optimizer state lives (offload_optimizer=), ZeRO 1-3. It moves the optimizer "
                   "only: --zero 3 --offload cpu keeps the parameters on the device; add --offload-param "
@@ -85,7 +95,7 @@ CONFIG_FLAGS = (
                                         "with a note."),
            _precision("--bf16", "bf16", "bf16 mixed precision (precision='bf16')."),
            _precision("--fp32", "no", "full fp32 (precision='no').")),
-    argument("--strict", action="store_true", default=None,
+    argument("--strict", action=argparse.BooleanOptionalAction, default=None,
              help="make every fallback (fp16 on a CPU, ...) an error instead of a note (strict=True)."),
     argument_group("batch"),
     argument("--batch-size", type=int, metavar="N", help="micro-batch per process (batch_size=)."),
@@ -99,10 +109,11 @@ CONFIG_FLAGS = (
     argument("--lr", type=float, metavar="F", help="peak learning rate of AdamW (lr=)."),
     argument("--seed", type=int, metavar="N", help="seed for weights, data order and dropout (seed=)."),
     argument_group("model"),
-    argument("--lora", action="store_true", default=None, help="train LoRA adapters only (lora=True)."),
+    argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+             help="train LoRA adapters only (lora=True); --no-lora turns off a default."),
     argument("--lora-r", type=int, metavar="N", help="LoRA rank (lora_r=)."),
     argument("--lora-alpha", type=int, metavar="N", help="LoRA scale numerator (lora_alpha=)."),
-    argument("--grad-ckpt", action="store_true", default=None,
+    argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
              help="gradient checkpointing: recompute activations to save memory (grad_ckpt=True)."),
     argument_group("checkpoints"),
     argument("--ckpt-dir", metavar="PATH", help="folder for checkpoints (ckpt_dir=)."),
@@ -157,7 +168,8 @@ def parse(magic, line: str):
     """Parse a magic's line; argparse's complaint becomes one UsageError line with the fix."""
     magic.parser.allow_abbrev = False  # "--zer 3" is a typo to report, not --zero 3
     try:
-        return parse_argstring(magic, line)
+        # posix splitting: --ckpt-dir "my runs" is the folder my runs, without the quotes
+        return magic.parser.parse_args(shlex.split(line))
     except (UsageError, ValueError) as exc:
         problem = " ".join(str(exc).split()).rstrip(".")
         fix = next((fix for key, fix in _ARGPARSE_FIXES if key in problem), "correct the line")
@@ -244,16 +256,6 @@ def version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def optional_module(name: str, fix: str):
-    """Import a module that may not be part of this installation; its absence is a UsageError."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        raise UsageError(f"{name} is not available in this installation. Fix: {fix}.") from None
 
 
 # --- the magics ------------------------------------------------------------------------------
@@ -379,9 +381,9 @@ class NexaMagics(Magics):
         """
         args = parse(self.nexa_config, line)
         if args.widget:
-            form = optional_module("nexa_nb.widgets_form",
-                                   "set the defaults with flags, e.g. %nexa_config --zero 2")
-            return form.show(self)
+            from nexa_nb import widgets_form
+
+            return widgets_form.show(self)
         session = {} if args.reset else dict(self.session)
         session.update(options_of(args))
         config_file = args.config or (None if args.reset else self.config_file)
@@ -406,7 +408,7 @@ class NexaMagics(Magics):
                 print(plan.deepspeed_json())
 
     def save(self, plan, path: str) -> None:
-        export = optional_module("nexa_nb.export", "update nexa_nb")
+        from nexa_nb import export
         try:
             export.save_accelerate_config(plan.config, path)
         except OSError as exc:
@@ -532,7 +534,7 @@ class NexaMagics(Magics):
         args = parse(self.nexa_export, line)
         task_var = args.task or self.default_task
         task = self.task_named(task_var)
-        export = optional_module("nexa_nb.export", "update nexa_nb, or train in the notebook with %nexa_train")
+        from nexa_nb import export
         cfg = self.resolved(args)
         with core_errors():
             files = export.export_script(task, cfg, args.script, task_var=task_var)

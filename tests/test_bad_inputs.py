@@ -77,8 +77,8 @@ def prepare_inputs(folder: Path) -> dict:
 CATALOGUE = [
     # flags and values
     ("--zer 3", "unrecognized arguments: --zer. Fix: did you mean --zero?"),
-    ("--zero 7", "invalid choice: 7"),
-    ("--zero three", "invalid int value: 'three'"),
+    ("--zero 7", "argument --zero: '7' is not a ZeRO stage; use 0, 1, 2, 3 or none"),
+    ("--zero three", "argument --zero: 'three' is not a ZeRO stage"),
     ("--procs 0", "procs: must be at least 1"),
     ("--procs -2", "procs: must be at least 1"),
     ("--procs 64", "would thrash"),

@@ -11,6 +11,8 @@ import time
 
 import nbformat
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import sync_playwright
 
 from browser.lab import ARTIFACTS, CHROMIUM, JupyterLab, chromium, training_notebook
 
@@ -61,11 +63,31 @@ KERNEL_IDLE_JS = """
 }
 """
 
+PROMPTS_JS = "() => [...document.querySelectorAll('.jp-Notebook .jp-InputPrompt')].map((p) => p.textContent.trim())"
+
 
 def both_ranks(view) -> bool:
     """Rank 0 and 1 each have more than one loss point, and a memory row."""
     points = view["points"]
     return points.get("0", 0) > 1 and points.get("1", 0) > 1 and {"0", "1"} <= set(view["memory"])
+
+
+def run_all(page) -> None:
+    """Run every cell once the notebook's kernel is ready; return when the first cell is queued.
+
+    The command is sent again if no cell was queued: just after the page loads it can reach
+    the notebook before JupyterLab tracks it as the current one, and then does nothing."""
+    page.wait_for_function(KERNEL_IDLE_JS, timeout=120_000)
+    for _ in range(3):
+        # Not awaited: the command's promise resolves only when every cell has run.
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        try:
+            page.wait_for_function(f"() => ({PROMPTS_JS})().some((p) => /[*0-9]/.test(p))", timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            pass
+    screenshot(page, "browser-failure.png")
+    raise AssertionError(f"run all cells: no cell was queued; prompts {page.evaluate(PROMPTS_JS)}")
 
 
 def screenshot(page, name: str) -> None:
@@ -74,7 +96,6 @@ def screenshot(page, name: str) -> None:
 
 
 def test_live_dashboard_in_jupyterlab(tmp_path):
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     ARTIFACTS.mkdir(exist_ok=True)
     lab = JupyterLab(tmp_path)
     left = []
@@ -89,9 +110,7 @@ def test_live_dashboard_in_jupyterlab(tmp_path):
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(f"{lab.url}/lab/tree/test.ipynb?token={lab.token}", timeout=120_000)
-            page.wait_for_function(KERNEL_IDLE_JS, timeout=120_000)
-            # Not awaited: the command's promise resolves only when every cell has run.
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            run_all(page)
 
             live_ok, last_live, shot_at = None, None, 0
             deadline = time.monotonic() + 150
@@ -103,14 +122,16 @@ def test_live_dashboard_in_jupyterlab(tmp_path):
                     step = live["progress"][0]
                     if both_ranks(live) and step < STEPS:
                         live_ok = live_ok or live
-                        if shot_at < STEPS // 2:  # the first frame, then one from the second half
+                        if not shot_at or shot_at < STEPS // 2 <= step:  # an early frame, then a later one
                             screenshot(page, "browser-mid-run.png")
                             shot_at = step
                 if snap and snap["final"] and "*" not in snap["prompt"]:
                     break
                 time.sleep(0.1)
             else:
-                pytest.fail(f"the training cell did not finish: {snap}\n{lab.log_tail()}")
+                screenshot(page, "browser-failure.png")
+                pytest.fail(f"the training cell did not finish; prompts {page.evaluate(PROMPTS_JS)}, "
+                            f"training cell {snap}\n{lab.log_tail()}")
 
             result = page.locator(".jp-Cell").nth(TRAIN_CELL + 1).locator(".jp-OutputArea-output")
             result.wait_for(timeout=30_000)

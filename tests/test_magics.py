@@ -154,7 +154,7 @@ def test_help_lists_every_flag(shell, magic):
     for flag in FLAGS:
         assert flag in doc
     assert "[--fp16 | --bf16 | --fp32]" in doc
-    assert "{0,1,2,3}" in doc and "{none,cpu,nvme}" in doc
+    assert "{0,1,2,3,none}" in doc and "{none,cpu,nvme}" in doc
 
 
 def test_question_mark_help(shell, capsys):
@@ -296,7 +296,7 @@ def bad_tasks(tmp_path: Path) -> dict:
 
 BAD_LINES = [
     ("--foo", "unrecognized arguments: --foo", "Fix: remove them"),
-    ("--zero 7", "argument --zero: invalid choice: 7", "Fix: use one of the values listed"),
+    ("--zero 7", "argument --zero: '7' is not a ZeRO stage; use 0, 1, 2, 3 or none", "Fix: correct the line"),
     ("--procs 0", "procs: must be at least 1, got 0", "Fix: pass --procs 1 or more"),
     ("--lr abc", "argument --lr: invalid float value: 'abc'", "Fix: give a value of the right type"),
     ("--fp16 --bf16", "argument --bf16: not allowed with argument --fp16", "Fix: keep only one"),
@@ -334,8 +334,8 @@ def test_usage_error_shows_as_one_line_without_traceback(shell, nexa, capsys):
     result = shell.run_cell("%nexa_train --zero 7")
     assert isinstance(result.error_in_exec, UsageError)
     captured = capsys.readouterr()
-    assert captured.err.splitlines() == ["UsageError: argument --zero: invalid choice: 7 (choose from 0, 1, 2, 3). "
-                                         "Fix: use one of the values listed (%nexa_train? lists every flag)."]
+    assert captured.err.splitlines() == ["UsageError: argument --zero: '7' is not a ZeRO stage; use 0, 1, 2, 3 or none. "
+                                         "Fix: correct the line (%nexa_train? lists every flag)."]
     assert "Traceback" not in captured.out + captured.err
 
 
@@ -393,16 +393,6 @@ def test_config_table_names_every_source(shell, nexa, monkeypatch, tmp_path, cap
     plan_lines, _, ds_json = rest.partition("DeepSpeed config:\n")
     assert plan_lines.startswith("DeepSpeed ZeRO-2, bf16, 1 x CPU (DEEPSPEED)")
     assert json.loads(ds_json)["zero_optimization"]["stage"] == 2
-
-
-def test_config_widget_is_reserved(shell, nexa):
-    try:
-        import nexa_nb.widgets_form  # noqa: F401
-    except ModuleNotFoundError:
-        message = usage_error(shell, "nexa_config", "--widget")
-        assert message.startswith("nexa_nb.widgets_form is not available") and "\n" not in message
-    else:
-        pytest.skip("nexa_nb.widgets_form exists: the form is tested with it")
 
 
 def saved_yaml(shell, line: str, path: str = "acc.yaml") -> dict:
@@ -549,17 +539,7 @@ def test_status(shell, nexa, monkeypatch, capsys):
 
 # --- %nexa_export -----------------------------------------------------------------------------
 
-def test_export_without_the_module_is_one_usage_error(shell, nexa, monkeypatch):
-    monkeypatch.setitem(sys.modules, "nexa_nb.export", None)
-    message = usage_error(shell, "nexa_export", "train.py")
-    assert message.startswith("nexa_nb.export is not available") and "Fix" in message and "\n" not in message
-
-
 def test_export_writes_the_script_and_prints_the_command(shell, nexa, tmp_path, capsys):
-    try:
-        import nexa_nb.export  # noqa: F401
-    except ModuleNotFoundError:
-        pytest.skip("nexa_nb.export is not in this tree yet")
     shell.run_line_magic("nexa_config", "--procs 2")
     capsys.readouterr()
     shell.run_line_magic("nexa_export", "train.py --zero 2 --bf16")

@@ -87,7 +87,9 @@ def build_encoder(freeze_embeddings: bool = False) -> MeanPoolEncoder:
     logging.set_verbosity_error()  # no load report or progress bar from every worker
     logging.disable_progress_bar()
     try:
-        encoder = AutoModel.from_pretrained(minilm_path())
+        # No pooler: its weights would get no gradient (mean pooling replaces it), and DDP
+        # refuses parameters that get none.
+        encoder = AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
     finally:
         logging.set_verbosity(verbosity)
         if bars:
