@@ -31,7 +31,7 @@ import socket
 import sys
 import threading
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -136,7 +136,9 @@ def _worker(plan: Plan, task: Task, queue) -> None:
             import torch
 
             cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-            torch.set_num_threads(max(1, cores // plan.procs))  # one core each; oversubscribing slows all ranks
+            threads = max(1, cores // plan.procs)  # a share of the cores each; oversubscribing slows every rank
+            torch.set_num_threads(threads)
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # Accelerate would set (and warn) otherwise
         outcome = engine.run(plan, task, queue.put)
         if rank == 0:
             queue.put(WorkerDone(pickle.dumps(outcome)))
@@ -145,6 +147,30 @@ def _worker(plan: Plan, task: Task, queue) -> None:
     except BaseException as exc:
         queue.put(WorkerFailed(rank, type(exc).__name__, str(exc), traceback.format_exc()))
         raise
+
+
+class _WithoutLaunchBanner:
+    """sys.stdout without notebook_launcher's "Launching training on N CUDAs." (said even on a CPU host).
+
+    Everything else, including what workers print, passes through.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.dropping = False
+
+    def write(self, text: str) -> int:
+        if text.startswith("Launching training on"):
+            self.dropping = True  # print() writes the newline separately
+            return len(text)
+        if self.dropping and text == "\n":
+            self.dropping = False
+            return len(text)
+        self.dropping = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class _Drain:
@@ -220,8 +246,9 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
                 if plan.procs == 1:
                     _fork_one(_worker, (plan, task, queue), port)
                 else:
-                    notebook_launcher(_worker, args=(plan, task, queue), num_processes=plan.procs,
-                                      use_port=str(port), master_addr="127.0.0.1")
+                    with redirect_stdout(_WithoutLaunchBanner(sys.stdout)):
+                        notebook_launcher(_worker, args=(plan, task, queue), num_processes=plan.procs,
+                                          use_port=str(port), master_addr="127.0.0.1")
         except KeyboardInterrupt:
             interrupted = True
         except BaseException as exc:  # ChildFailedError, SignalException, a worker's own error

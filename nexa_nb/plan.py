@@ -68,7 +68,10 @@ class Plan:
     def describe(self) -> str:
         """A few human lines: what runs, and every fallback taken."""
         s = self.summary()
-        backend = f"DeepSpeed ZeRO-{s['zero']}" if self.uses_deepspeed else ("FSDP" if self.config.fsdp else "Accelerate")
+        if self.uses_deepspeed:
+            backend = f"DeepSpeed ZeRO-{s['zero']}"
+        else:
+            backend = "FSDP" if self.config.fsdp else ("DDP" if self.procs > 1 else "single process")
         offload = []
         if s["offload_optimizer"] != "none":
             offload.append(f"optimizer->{s['offload_optimizer']}")
@@ -175,6 +178,7 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
         worker_env["ACCELERATE_USE_FSDP"] = "true"
     if not on_cuda:
         worker_env["CUDA_VISIBLE_DEVICES"] = ""
+        worker_env["DS_ACCELERATOR"] = "cpu"  # said, not guessed: DeepSpeed warns when it has to guess
     if on_cuda and c.offload_optimizer != "none" and c.zero is not None:
         notes.append("optimizer offload uses DeepSpeedCPUAdam, compiled on first use (about a minute), cached after")
 

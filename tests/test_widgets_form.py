@@ -133,7 +133,7 @@ def test_starts_from_the_session_defaults():
 
 
 def test_changing_controls_updates_plan_json_memory_and_magic_line(form):
-    assert text(form.plan_view).startswith("Accelerate, fp32, 1 x CPU (NO)")
+    assert text(form.plan_view).startswith("single process, fp32, 1 x CPU (NO)")
     assert "ZeRO is off" in text(form.deepspeed_view)
     plain = model_state_memory(5, 5, stage=None)
     assert f"{format_bytes(plain.device_bytes)} per device" in text(form.memory_view)

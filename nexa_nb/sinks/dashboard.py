@@ -282,7 +282,7 @@ class Dashboard(HasTraits):
         if latest.grad_norm is not None:
             text += f" · grad norm {latest.grad_norm:.3f}"
         if latest.mean_grad_norm is not None:
-            text += f" (mean over ranks {latest.mean_grad_norm:.3f})"
+            text += f" (mean so far {latest.mean_grad_norm:.3f})"
         return f'<span class="nexa-scalars">{text}</span>'
 
     def _eval_html(self) -> str:

@@ -86,12 +86,15 @@ class RunRecord:
         self.last_eval: EvalEnd | None = None
         self.last_checkpoint: CheckpointSaved | None = None
         self.notes: list[Note] = []
+        self.first_mean_loss: float | None = None  # the run's first loss, averaged over ranks like the last
 
     def add(self, event) -> None:
         if isinstance(event, StepEnd):
             self.loss.setdefault(event.rank, Series()).append(event.step, event.loss)
             self.latest[event.rank] = event
             if event.rank == 0:
+                if self.first_mean_loss is None:
+                    self.first_mean_loss = event.loss if event.mean_loss is None else event.mean_loss
                 self.step = event.step
                 self.lr.append(event.step, event.lr)
                 if event.grad_norm is not None:
@@ -133,7 +136,9 @@ class RunRecord:
 
     @property
     def first_loss(self) -> float | None:
-        curve = self.loss.get(0) or next(iter(self.loss.values()), None)
+        if self.first_mean_loss is not None:
+            return self.first_mean_loss
+        curve = next(iter(self.loss.values()), None)
         return curve.ys[0] if curve else None
 
     @property
@@ -185,7 +190,7 @@ def plan_label(plan: dict) -> str:
     if plan.get("zero") is not None:
         return f"ZeRO-{plan['zero']}"
     kind = plan.get("distributed_type", "NO")
-    return {"NO": "single process", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP on CPU"}.get(kind, kind)
+    return {"NO": "single process", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP"}.get(kind, kind)
 
 
 def precision_label(plan: dict) -> str:

@@ -136,20 +136,24 @@ def make_model(cfg: str = "yolov8n.yaml", nc: int = len(CLASS_NAMES), **gains: f
 def forward(model, batch):
     """The model's own training forward: given the batch dict, ``DetectionModel`` runs the
     image batch and its ``v8DetectionLoss`` and returns ``(loss * batch_size, loss_items)``:
-    ``loss`` holds the gain-weighted (box, cls, dfl) terms, each a per-image mean multiplied
-    by the batch size. Called through the (possibly wrapped) model, so DDP and ZeRO hooks run."""
+    ``loss`` holds the gain-weighted (box, cls, dfl) terms, each normalised over the batch's
+    assigned targets and then multiplied by the batch size (Ultralytics' trainer
+    backpropagates that sum). Called through the (possibly wrapped) model, so DDP and ZeRO
+    hooks run."""
     return model(batch)
 
 
 def loss_fn(outputs, batch) -> torch.Tensor:
-    """The scalar nexa_nb backpropagates: box + cls + dfl per image (the sum of the three
-    losses Ultralytics' trainer prints), independent of the batch size."""
+    """The scalar nexa_nb backpropagates: box + cls + dfl, the sum of the three losses
+    Ultralytics' trainer prints (``v8DetectionLoss``'s output divided by the batch size).
+    Ultralytics backpropagates the undivided sum; with AdamW only the gradient clipping
+    sees the difference."""
     loss, _items = outputs
     return loss.sum() / batch["img"].shape[0]
 
 
 def loss_items(outputs) -> dict[str, float]:
-    """The three detached terms of `forward`'s output, per image: box_loss, cls_loss, dfl_loss."""
+    """The three detached terms of `forward`'s output: box_loss, cls_loss, dfl_loss."""
     _loss, items = outputs
     return {k: float(v) for k, v in items.items()}
 
@@ -254,6 +258,35 @@ def evaluate(model, data, batch_size: int = 32) -> dict[str, float]:
     return metrics(model, loader)
 
 
+COLOURS = ("#ffd400", "#ff2d9b")
+"""Box colours per class: pole yellow, crossarm magenta."""
+
+
+def draw(ax, image, labels=None, detections=None, title: str | None = None) -> None:
+    """Show ``image`` (CHW float tensor or HWC uint8 array) on a matplotlib ``ax`` with the
+    true boxes (``labels``: YOLO rows, dashed) and/or ``detections`` (`predict` rows, solid,
+    with class and confidence)."""
+    from matplotlib.patches import Rectangle
+
+    if isinstance(image, torch.Tensor):
+        image = image.permute(1, 2, 0).mul(255).clamp(0, 255).byte().numpy()
+    size_y, size_x = image.shape[:2]
+    ax.imshow(image)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    if labels is not None:
+        for cls, cx, cy, w, h in np.asarray(labels, dtype=np.float32).reshape(-1, 5):
+            ax.add_patch(Rectangle(((cx - w / 2) * size_x - 0.5, (cy - h / 2) * size_y - 0.5), w * size_x, h * size_y,
+                                   fill=False, linestyle="--", linewidth=1, edgecolor=COLOURS[int(cls)]))
+    if detections is not None:
+        for x1, y1, x2, y2, conf, cls in np.asarray(detections, dtype=np.float32).reshape(-1, 6):
+            ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linewidth=1.2,
+                                   edgecolor=COLOURS[int(cls)]))
+            ax.text(x1, y1 - 1, f"{CLASS_NAMES[int(cls)]} {conf:.2f}", color=COLOURS[int(cls)], fontsize=6,
+                    va="bottom", bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.5, "linewidth": 0})
+
+
 def make_task(n_train: int = 512, n_eval: int = 128, size: int = 128, train_seed: int = 0, eval_seed: int = 1):
     """The tutorial's `nexa_nb.Task`: YOLOv8n on ``n_train`` synthetic scenes, scored by
     mAP50 on ``n_eval`` held-out scenes (another seed) at the end of training."""
@@ -264,6 +297,6 @@ def make_task(n_train: int = 512, n_eval: int = 128, size: int = 128, train_seed
                 forward=forward, loss_fn=loss_fn, metrics=metrics, name="yolov8n-poles")
 
 
-__all__ = ["CLASS_NAMES", "HYP", "DetectionImages", "collate", "make_model", "forward", "loss_fn", "loss_items",
+__all__ = ["CLASS_NAMES", "HYP", "DetectionImages", "collate", "make_model", "forward", "loss_fn", "loss_items", "draw",
            "predict", "match_predictions", "image_stats", "map_scores", "metrics", "evaluate", "make_task",
            "ultralytics_available"]

@@ -96,7 +96,8 @@ class JupyterLab:
         jupyter_path = self.home / "jupyter"
         write_kernelspec(jupyter_path)
         # No "get notified about Jupyter news?" toast over the notebook, and no request for news.
-        notification = self.home / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+        settings = self.home / "settings" / "@jupyterlab" / "apputils-extension"
+        notification = settings / "notification.jupyterlab-settings"
         notification.parent.mkdir(parents=True)
         notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
         env = dict(os.environ, JUPYTER_PATH=str(jupyter_path), JUPYTER_CONFIG_DIR=str(self.home / "config"),
@@ -107,7 +108,8 @@ class JupyterLab:
             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
             f"--IdentityProvider.token={self.token}", "--ServerApp.password=", f"--ServerApp.root_dir={self.root}",
             "--ServerApp.allow_root=True", "--ServerApp.terminals_enabled=False",
-            "--LabApp.extension_manager=readonly", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.extension_manager=readonly", "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             f"--LabApp.workspaces_dir={self.home / 'workspaces'}",
             f"--LabApp.user_settings_dir={self.home / 'settings'}",
             "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: run commands from the test
