@@ -84,10 +84,11 @@ def test_file_plans(path, hardware):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CPU_YAMLS, ids=ids(CPU_YAMLS))
-def test_cpu_yaml_passes_accelerate_test(path):
+def test_cpu_yaml_passes_accelerate_test(path, tmp_path):
     bin_dir = Path(sys.executable).parent  # `accelerate test` runs `accelerate-launch` from PATH
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    result = subprocess.run([str(bin_dir / "accelerate"), "test", "--config_file", str(path)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    # accelerate's test script writes scratch files into the working directory: a private one
+    result = subprocess.run([str(bin_dir / "accelerate"), "test", "--config_file", str(path.absolute())],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Test is a success" in result.stdout

@@ -113,7 +113,9 @@ def test_events_reach_the_kernel_from_every_rank(quiet):
     assert sorted(e.step for e in steps if e.rank == 1) == [1, 2, 3, 4]
     micro = [e for e in quiet.events if isinstance(e, ev.MicroStep) and e.rank == 0]
     assert [(m.micro, m.of) for m in micro[:2]] == [(1, 2), (2, 2)]
-    assert isinstance(quiet.events[0], ev.RunStarted) and isinstance(quiet.events[-1], ev.RunEnded)
+    # rank 1 may report its first micro-step before rank 0 has announced the run
+    kinds = [type(e) for e in quiet.events]
+    assert kinds.index(ev.RunStarted) < kinds.index(ev.StepEnd) and kinds[-1] is ev.RunEnded
     assert steps[0].memory.host_rss > 0
 
 
