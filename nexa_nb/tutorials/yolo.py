@@ -216,8 +216,9 @@ def image_stats(detections: list[torch.Tensor], batch: dict[str, torch.Tensor]) 
 
 
 def map_scores(records: list[dict]) -> dict[str, float]:
-    """mAP50, mAP50-95, precision and recall (means over classes) and the per-class mAP50,
-    computed by Ultralytics' ``DetMetrics`` (``ap_per_class``) from `image_stats` records."""
+    """mAP50, mAP50-95, precision and recall (means over classes), the per-class mAP50 and
+    the number of images scored, computed by Ultralytics' ``DetMetrics`` (``ap_per_class``)
+    from `image_stats` records."""
     _ultralytics()
     from ultralytics.utils.metrics import DetMetrics
 
@@ -227,7 +228,7 @@ def map_scores(records: list[dict]) -> dict[str, float]:
         scores.update_stats(record)
     scores.process()
     p, r, map50, map50_95 = (float(x) for x in scores.mean_results())
-    out = {"mAP50": map50, "mAP50-95": map50_95, "precision": p, "recall": r}
+    out = {"mAP50": map50, "mAP50-95": map50_95, "precision": p, "recall": r, "images": float(len(records))}
     per_class = {int(c): float(ap) for c, ap in zip(scores.box.ap_class_index, scores.box.ap50)}
     for c, name in names.items():
         out[f"mAP50_{name}"] = float(per_class.get(c, 0.0))
