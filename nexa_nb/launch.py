@@ -84,6 +84,27 @@ def refuse_if_cuda_initialised(plan: Plan) -> None:
         "bitsandbytes) inside the task's model factory, or pass --procs 1")
 
 
+def release_openmp_threads() -> None:
+    """Let the kernel's OpenMP thread pool go before forking.
+
+    After the kernel ran a multi-threaded torch operation (a matrix product in a cell), GNU
+    OpenMP keeps a pool of threads. A forked worker inherits the pool's bookkeeping but not
+    its threads, and its first parallel region waits for them forever. OpenMP 5's
+    ``omp_pause_resource_all`` ends the pool; the kernel's next parallel region starts a new one.
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            libraries = sorted({line.split()[-1] for line in maps if "libgomp" in line})
+    except OSError:  # not Linux: no GNU OpenMP pool to worry about
+        return
+    for path in libraries:
+        pause = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)  # GCC >= 9
+        if pause is not None:
+            pause(2)  # omp_pause_hard: the threads and their state
+
+
 def refuse_if_accelerator_in_kernel() -> None:
     """An Accelerator made in a cell would be inherited, half-initialised, by every worker."""
     state = sys.modules.get("accelerate.state")
@@ -235,6 +256,7 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
     # from the workers' collector.
     gc.collect()
     gc.freeze()
+    release_openmp_threads()
     queue = multiprocessing.get_context("fork").SimpleQueue()
     port = free_port()
     sinks = list(sinks)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,25 @@ def test_pitfall_11_fp16_on_a_cpu_host_says_what_ran(quiet):
         "fp16 needs a CUDA GPU; this run trains in bf16 on the CPU instead"]
     with pytest.raises(nexa_nb.ConfigError, match="strict"):
         nexa_nb.train(regression_task(), sinks=[quiet], precision="fp16", strict=True, force_cpu=True)
+
+
+def test_a_kernel_that_ran_multithreaded_torch_can_still_fork_workers(tmp_path):
+    """GNU OpenMP is not fork-safe: after a multi-threaded matmul in the kernel, a forked worker
+    waited forever in its first parallel region. Run in a fresh interpreter with 2 threads."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, nexa_nb
+        from nexa_nb.events import RecordingSink
+        from tests.conftest import regression_task
+        torch.set_num_threads(2)
+        torch.randn(512, 256) @ torch.randn(256, 1024)  # starts the kernel's OpenMP pool
+        result = nexa_nb.train(regression_task(), sinks=[RecordingSink()], max_steps=3, force_cpu=True)
+        print(result.status)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert done.stdout.strip().splitlines()[-1] == "completed", done.stderr[-2000:]
