@@ -34,15 +34,25 @@ class StepClock:
     rank writes ``<folder>/<label>-rank<R>.json`` with the times and its torch thread count.
     The forward itself is nexa_nb's default: ``model(**batch)`` for a dict batch,
     ``model(*batch[:-1])`` for a tuple (the last item is the target).
+
+    On a GPU the host runs ahead of the device, so the forward passes listed in ``sync_calls``
+    (0-based; the bounds of the timed interval) wait for the device first: two
+    synchronisations per run, the same on both sides.
     """
 
-    def __init__(self, folder: str | os.PathLike, label: str, calls: int):
+    def __init__(self, folder: str | os.PathLike, label: str, calls: int, sync_calls: tuple[int, ...] = ()):
         self.folder = str(folder)
         self.label = label
         self.calls = calls
+        self.sync_calls = tuple(sync_calls)
         self.times: list[float] = []
 
     def __call__(self, model, batch):
+        if len(self.times) in self.sync_calls:
+            import torch
+
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
         self.times.append(time.time())
         if len(self.times) == self.calls:
             self._write()
@@ -91,6 +101,10 @@ class Steps:
     def total(self) -> int:
         return self.warmup + self.measured + 1
 
+    def bounds(self, micro_per_step: int) -> tuple[int, int]:
+        """The forward passes that open and close the timed interval (for `StepClock.sync_calls`)."""
+        return self.warmup * micro_per_step, (self.warmup + self.measured) * micro_per_step
+
 
 # --- A/B comparisons -----------------------------------------------------------------------
 
@@ -111,17 +125,20 @@ def median(values: list[float]) -> float:
 
 @dataclass(frozen=True)
 class Goal:
-    """A target for a figure: ``>= x``, ``<= x`` or ``between lo and hi``. Informational only."""
+    """A target for a figure: ``>= x``, ``<= x``, ``between lo and hi``, or none (``Goal()``).
+    Informational only."""
 
     low: float | None = None
     high: float | None = None
 
     def met(self, value: float | None) -> bool | None:
-        if value is None:
+        if value is None or (self.low is None and self.high is None):
             return None
         return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
 
     def text(self) -> str:
+        if self.low is None and self.high is None:
+            return "-"
         if self.low is not None and self.high is not None:
             return f"{self.low:g} .. {self.high:g}"
         return f">= {self.low:g}" if self.low is not None else f"<= {self.high:g}"
@@ -153,13 +170,16 @@ class Figure:
     sides: dict[str, Any] = field(default_factory=dict)
     """Side name -> {"values": raw figures in run order, "median": ...}."""
     details: dict[str, Any] = field(default_factory=dict)
-    """Settings, checks and anything else a reader needs to trust the ratio."""
+    """Settings and anything else a reader needs to trust the ratio."""
+    checks: dict[str, bool] = field(default_factory=dict)
+    """Correctness checks (same final weights, nothing heavy imported, ...): a failed check means
+    the ratio compares different work, whatever its value."""
     load_before: list[float] = field(default_factory=list)
     load_after: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"title": self.title, "ratio": self.ratio, "goal": self.goal.text(), "met_goal": self.goal.met(self.ratio),
-                "n": self.n, "unit": self.unit, "sides": self.sides, "details": self.details,
+                "n": self.n, "unit": self.unit, "checks": self.checks, "sides": self.sides, "details": self.details,
                 "load_average": {"before": self.load_before, "after": self.load_after}}
 
 
@@ -169,16 +189,16 @@ def side(values: list[float]) -> dict[str, Any]:
 
 
 def ab_figure(key: str, title: str, goal: Goal, unit: str, names: tuple[str, str], a: list[float], b: list[float],
-              higher_is_better: bool = True, **details: Any) -> Figure:
+              checks: dict[str, bool] | None = None, **details: Any) -> Figure:
     """A figure whose ratio is A / B, taken as the median of the per-pair ratios.
 
-    Each pair ran back to back, so its ratio is the least touched by drift; the medians of
-    each side are kept beside it.
+    Each pair ran back to back, so its ratio is the least touched by drift; the median of
+    each side, and the ratio of those medians, are kept beside it.
     """
-    del higher_is_better  # the ratio is always A / B; the goal says which way is good
     pairs = [x / y for x, y in zip(a, b)]
     details = {"pair_ratios": pairs, "ratio_of_medians": median(a) / median(b), **details}
-    return Figure(key, title, median(pairs), goal, len(pairs), unit, {names[0]: side(a), names[1]: side(b)}, details)
+    return Figure(key, title, median(pairs), goal, len(pairs), unit, {names[0]: side(a), names[1]: side(b)}, details,
+                  checks or {})
 
 
 # --- the machine -------------------------------------------------------------------------
@@ -249,24 +269,16 @@ def write_results(path: Path, *, device: str, settings: dict[str, Any], figures:
 
 
 def table(figures: list[Figure]) -> str:
-    """figure | ratio | goal | met | n | load (1-minute average before -> after)."""
-    rows = [("figure", "ratio", "goal", "met goal", "n", "load 1m")]
+    """figure | ratio | goal | against goal | n | checks | load (1-minute average before -> after)."""
+    rows = [("figure", "ratio", "goal", "vs goal", "n", "checks", "load 1m")]
     for f in figures:
-        met = {True: "pass", False: "FAIL", None: "n/a"}[f.goal.met(f.ratio)]
+        met = {True: "pass", False: "fail", None: "n/a"}[f.goal.met(f.ratio)]
         ratio = "n/a" if f.ratio is None else f"{f.ratio:.3f}"
+        failed = [name for name, ok in f.checks.items() if not ok]
+        checks = ("FAILED: " + ", ".join(failed)) if failed else ("ok" if f.checks else "-")
         load = (f"{f.load_before[0]:.2f} -> {f.load_after[0]:.2f}" if f.load_before and f.load_after else "")
-        rows.append((f.title, ratio, f.goal.text(), met, str(f.n), load))
+        rows.append((f.title, ratio, f.goal.text(), met, str(f.n), checks, load))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def timed_figure(fn: Callable[[], Figure]) -> Figure:
-    """Run one figure, noting the load average before and after it."""
-    before = load_average()
-    started = time.perf_counter()
-    fig = fn()
-    fig.load_before, fig.load_after = before, load_average()
-    fig.details.setdefault("wall_s", round(time.perf_counter() - started, 1))
-    return fig

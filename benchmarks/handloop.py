@@ -18,8 +18,9 @@ It is given what nexa_nb's engine is given: the same Task (model factory, data, 
 `StepClock` forward), seed, precision, micro-batch, accumulation, AdamW settings, clip norm
 and a constant learning-rate schedule; the same seedable sampler, so the data order is the
 same; and the same torch thread count per process (nexa_nb's launcher sets
-``physical cores // processes``). It does none of nexa_nb's extras: no per-step loss
-all-reduce, no events, no memory sampling.
+``physical cores // processes``); and it is started as nexa_nb starts its engine (see
+`run_hand_loop`). It does none of nexa_nb's extras: no per-step loss all-reduce, no events,
+no memory sampling.
 
 ``sync_every_micro_step=True`` gives the loop that accumulates without ``accumulate``: every
 backward all-reduces the gradients (DDP's default), and the optimizer steps every N
@@ -28,6 +29,7 @@ micro-batches. Figure 3 compares nexa_nb's accumulation with it.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import socket
@@ -38,6 +40,12 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def loss_of(task, batch, model):
+    """The task's loss: its ``loss_fn`` if it has one, else the model output's ``.loss``."""
+    outputs = task.forward(model, batch)
+    return outputs.loss if task.loss_fn is None else task.loss_fn(outputs, batch)
 
 
 def hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = False,
@@ -70,7 +78,7 @@ def hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = False
         if i == micro_per_rank:
             break
         if sync_every_micro_step:
-            loss = task.loss_fn(task.forward(model, batch), batch) / accum
+            loss = loss_of(task, batch, model) / accum
             accelerator.backward(loss)  # all-reduces the gradients on every micro-batch
             if (i + 1) % accum == 0:
                 accelerator.clip_grad_norm_(model.parameters(), clip)
@@ -79,7 +87,7 @@ def hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = False
                 optimizer.zero_grad()
         else:
             with accelerator.accumulate(model):
-                loss = task.loss_fn(task.forward(model, batch), batch)
+                loss = loss_of(task, batch, model)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), clip)
@@ -98,9 +106,11 @@ def _worker(procs: int, task, options: dict[str, Any], sync_every_micro_step: bo
     import torch
 
     if options.get("force_cpu", False):
-        # As nexa_nb's launcher does for CPU workers: the cores shared out, one share per process.
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // procs))
+        # As nexa_nb's launcher does for CPU workers: the cores shared out, one share per process
+        # (and OMP_NUM_THREADS said, so that Accelerate does not set it again).
+        threads = max(1, (psutil.cpu_count(logical=False) or os.cpu_count() or 1) // procs)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     hand_loop(task, options, sync_every_micro_step, weights_out)
 
 
@@ -108,15 +118,23 @@ def run_hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = F
                   weights_out: str | None = None) -> None:
     """Start `hand_loop` the way nexa_nb starts its engine: a forked process for one,
     `accelerate.notebook_launcher` (forked workers) for several."""
-    procs = options["procs"]
-    args = (procs, task, options, sync_every_micro_step, weights_out)
-    if procs == 1:
-        process = multiprocessing.get_context("fork").Process(target=_worker, args=args)
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"the hand-written loop failed (exit code {process.exitcode})")
-        return
     from accelerate import notebook_launcher
 
-    notebook_launcher(_worker, args=args, num_processes=procs, use_port=str(free_port()), master_addr="127.0.0.1")
+    procs = options["procs"]
+    args = (procs, task, options, sync_every_micro_step, weights_out)
+    # As nexa_nb's launcher does before forking: the workers' garbage collector then leaves
+    # the objects inherited from this process alone, on both sides alike.
+    gc.collect()
+    gc.freeze()
+    try:
+        if procs == 1:
+            process = multiprocessing.get_context("fork").Process(target=_worker, args=args)
+            process.start()
+            process.join()
+            if process.exitcode != 0:
+                raise RuntimeError(f"the hand-written loop failed (exit code {process.exitcode})")
+        else:
+            notebook_launcher(_worker, args=args, num_processes=procs, use_port=str(free_port()),
+                              master_addr="127.0.0.1")
+    finally:
+        gc.unfreeze()
