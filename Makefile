@@ -6,16 +6,28 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nexa-installed
+YOLO_VENV ?= .venv-yolo
+YOLO_PY := $(YOLO_VENV)/bin/python
+YOLO_STAMP := $(YOLO_VENV)/.nexa-installed
 
-.PHONY: demo test bench bench-gpu browser-deps clean
+.PHONY: demo test test-yolo bench bench-gpu browser-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch (see README, "Which torch"); other torch builds work too.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test,trackers]"
+	$(PY) -m pip install --quiet -e ".[test,trackers,tutorials]"
 	touch $(STAMP)
+
+# Tutorial 02 in its own environment: beside the CPU torch the only torchvision on the index
+# (0.28, a CUDA build) cannot be imported and breaks transformers' model loading. torch==2.13.0
+# in the same command stops pip taking torchvision 0.29 with the CUDA torch 2.15.
+$(YOLO_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(YOLO_VENV)
+	$(YOLO_PY) -m pip install --quiet --upgrade pip
+	$(YOLO_PY) -m pip install --quiet -e ".[test,yolo]" "torch==2.13.0"
+	touch $(YOLO_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m nexa_nb.demo
@@ -26,8 +38,12 @@ browser-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; fi; }
 
+# This environment's tools first on PATH: DeepSpeed compiles its ops with the first ninja found.
 test: $(STAMP) browser-deps
-	$(PY) -m pytest -q tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests notebooks --nbval-lax --ignore=notebooks/02_yolo.ipynb
+
+test-yolo: $(YOLO_STAMP)
+	PATH="$(abspath $(YOLO_VENV))/bin:$$PATH" $(YOLO_PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/02_yolo.ipynb tests/test_tutorial_yolo.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
@@ -36,4 +52,4 @@ bench-gpu: $(STAMP)
 	$(PY) -m benchmarks.gpu
 
 clean:
-	rm -rf $(VENV) .pytest_cache tests/artifacts
+	rm -rf $(VENV) $(YOLO_VENV) .pytest_cache tests/artifacts

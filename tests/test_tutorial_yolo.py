@@ -167,8 +167,19 @@ def test_a_real_nexa_nb_run_trains_and_scores_the_task(quiet):
     result = nexa_nb.train(task, sinks=[quiet], procs=1, batch_size=4, max_steps=3, lr=1e-3)
     assert result.status == "completed" and len(result.history) == 3
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
-    assert set(result.eval_metrics) >= {"loss", "mAP50", "mAP50-95", "precision", "recall"}
-    assert 0.0 <= result.eval_metrics["mAP50"] <= 1.0
+    assert set(result.eval_metrics) >= {"loss", "mAP50", "mAP50-95", "precision", "recall", "images"}
+    assert 0.0 <= result.eval_metrics["mAP50"] <= 1.0 and result.eval_metrics["images"] == 4
     trained = result.trained_model()
     scores = yolo.evaluate(trained, task.eval_data, batch_size=4)
     assert scores["mAP50"] == pytest.approx(result.eval_metrics["mAP50"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_whole_heldout_set(quiet):
+    """Each rank evaluates its shard; the metric gathers the records of both."""
+    import nexa_nb
+
+    task = yolo.make_task(n_train=16, n_eval=8, size=64)
+    result = nexa_nb.train(task, sinks=[quiet], procs=2, batch_size=4, max_steps=2, lr=1e-3)
+    assert result.distributed_type == "MULTI_CPU" and result.num_processes == 2
+    assert result.eval_metrics["images"] == 8
