@@ -97,13 +97,16 @@ def predict_ids(model, encoded: list[dict], batch_size: int = 64) -> list[list[i
     import torch
 
     was_training = getattr(model, "training", False)
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")  # a worker's GPU, or the CPU
     model.eval()
     out: list[list[int]] = []
     try:
         with torch.no_grad():
             for start in range(0, len(encoded), batch_size):
                 batch = collate(encoded[start:start + batch_size])
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
                 width = encoded[start]["input_ids"].shape[0]
                 ids = logits.argmax(dim=-1).cpu()
                 out += [row.tolist() + [0] * (width - len(row)) for row in ids]
