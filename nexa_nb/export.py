@@ -18,7 +18,10 @@ What ``accelerate launch`` needed (accelerate 1.15):
 * ``distributed_type: MULTI_CPU`` starts one process unless accelerate runs mpirun, so
   several CPU processes are written as ``MULTI_GPU`` with ``use_cpu: true``: accelerate
   launch then starts them with torchrun (one machine or several), and the engine's own
-  ``Accelerator(cpu=True)`` trains as MULTI_CPU over gloo, as the plan says.
+  ``Accelerator(cpu=True)`` trains as MULTI_CPU over gloo, as the plan says. The launcher
+  does not pass ``use_cpu`` on to the workers: a script that builds a plain ``Accelerator()``
+  needs ``ACCELERATE_USE_CPU=1`` in its environment, or every process trains alone as
+  DistributedType.NO (the YAML's header says so).
 * For DeepSpeed, accelerate launch turns the YAML's ``deepspeed_config`` into ``ACCELERATE_*``
   variables, and Accelerate refuses them next to the complete DeepSpeed config of the plan;
   the script removes them and sets the plan's own worker variables, as the notebook launcher
@@ -126,8 +129,9 @@ def accelerate_yaml(config: TrainConfig, *, num_machines: int = 1) -> str:
     header = [f"# {backend}, {precision}: {count}. Written by nexa_nb with the keys `accelerate config` writes."]
     if dist == "MULTI_GPU" and plan.device == "cpu":
         header += ["# CPU processes: MULTI_GPU with use_cpu makes `accelerate launch` start them with torchrun",
-                   "# (MULTI_CPU would start one process without mpirun); an Accelerator(cpu=True), as nexa_nb",
-                   "# builds, then trains as MULTI_CPU over gloo."]
+                   "# (MULTI_CPU would start one process without mpirun). accelerate launch does not tell the",
+                   "# workers to use the CPU: nexa_nb's script builds Accelerator(cpu=True); for a script of",
+                   "# your own, run `ACCELERATE_USE_CPU=1 accelerate launch ...`, or each process trains alone."]
     return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=True)
 
 

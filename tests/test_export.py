@@ -219,8 +219,12 @@ def test_saved_config_passes_accelerate_test(tmp_path, procs, planned):
     path = save_accelerate_config(config, tmp_path / "accelerate.yaml")
     assert Path(path).read_text() == accelerate_yaml(config)
     assert nexa_nb.make_plan(resolve_config(config_file=path)).distributed_type == planned
-    proc = accelerate("test", "--config_file", path, cwd=tmp_path)
+    # accelerate's own test script builds a plain Accelerator(); on a CPU host the workers only
+    # join one process group when told to use the CPU, as the YAML's header says.
+    proc = accelerate("test", "--config_file", path, cwd=tmp_path,
+                      env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"})
     assert "Test is a success" in proc.stdout
+    assert proc.stdout.count(f"Num processes: {procs}") == procs
 
 
 def test_accelerate_yaml_for_several_machines():
