@@ -65,6 +65,19 @@ def test_forward_returns_unit_embeddings_of_both_sides(encoder, collator, pairs)
     assert torch.allclose(alone, out["query"], atol=1e-6)
 
 
+def test_encode_runs_without_dropout_and_keeps_the_mode(encoder, collator):
+    assert not embeddings.build_encoder().training  # as from_pretrained leaves a model
+    texts = ["How deep must the guy anchor go to hold a 34-foot pole in ordinary dirt?", "ACSR"]
+    encoder.train()
+    try:
+        first, second = embeddings.encode(encoder, collator, texts), embeddings.encode(encoder, collator, texts)
+        assert encoder.training and all(m.training for m in encoder.modules())
+    finally:
+        encoder.eval()
+    assert torch.equal(first, second)
+    assert first.shape == (2, 384)
+
+
 def test_every_trainable_parameter_gets_a_gradient(encoder, collator, pairs):
     """DDP refuses parameters without a gradient (the BERT pooler would be one)."""
     train, _ = pairs

@@ -96,7 +96,7 @@ def build_encoder(freeze_embeddings: bool = False) -> MeanPoolEncoder:
             logging.enable_progress_bar()
     if freeze_embeddings:
         encoder.embeddings.word_embeddings.weight.requires_grad_(False)
-    return MeanPoolEncoder(encoder)
+    return MeanPoolEncoder(encoder).eval()  # in eval mode, as from_pretrained leaves a model; training sets train()
 
 
 def load_tokenizer():
@@ -177,24 +177,36 @@ def candidate_clauses(heldout: Sequence[Pair]) -> list[str]:
 
 @torch.no_grad()
 def encode(model, collator: PairCollator, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Unit embeddings of `texts` (on the CPU), in chunks, through ``model(input_ids, attention_mask)``."""
-    device = next(model.parameters()).device
+    """Unit embeddings of `texts` (on the CPU), in chunks, through ``model(input_ids, attention_mask)``.
+
+    The model runs in eval mode (no dropout) and is put back in the mode it was in.
+    """
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
     chunks = []
-    for start in range(0, len(texts), batch_size):
-        tokens = collator.tokenize(texts[start:start + batch_size])
-        chunks.append(model(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu())
+    try:
+        for start in range(0, len(texts), batch_size):
+            tokens = collator.tokenize(texts[start:start + batch_size])
+            chunks.append(model(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(chunks)
 
 
+def _device_of(model) -> torch.device:
+    """Where the model computes: a DeepSpeed engine says so itself (under ZeRO-3 with parameter
+    offload its parameters live on the CPU while it computes on the GPU); else its parameters' device."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
 def heldout_accuracy(model, collator: PairCollator, heldout: Sequence[Pair], batch_size: int = 64) -> float:
-    """Accuracy@1 of the held-out requirements against all held-out clauses."""
-    was_training = model.training
-    model.eval()
-    try:
-        queries = encode(model, collator, [q for q, _ in heldout], batch_size)
-        clauses = encode(model, collator, candidate_clauses(heldout), batch_size)
-    finally:
-        model.train(was_training)
+    """Accuracy@1 of the held-out requirements against all held-out clauses (in eval mode)."""
+    queries = encode(model, collator, [q for q, _ in heldout], batch_size)
+    clauses = encode(model, collator, candidate_clauses(heldout), batch_size)
     return retrieval_accuracy_at_1(queries, clauses)
 
 
