@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   creates .venv if needed and runs a real training end to end on this machine
-#   make test   creates .venv if needed and runs the whole test suite (unit, multi-process,
-#               kernel, browser and notebook tests)
+#   make test   creates .venv (and .venv-yolo) if needed and runs the whole test suite (unit,
+#               multi-process, kernel, browser and notebook tests, the YOLO tutorial included)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -39,8 +39,9 @@ browser-deps:
 	  else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; fi; }
 
 # This environment's tools first on PATH: DeepSpeed compiles its ops with the first ninja found.
-test: $(STAMP) browser-deps
+test: $(STAMP) $(YOLO_STAMP) browser-deps
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests notebooks --nbval-lax --ignore=notebooks/02_yolo.ipynb
+	$(MAKE) --no-print-directory test-yolo
 
 test-yolo: $(YOLO_STAMP)
 	PATH="$(abspath $(YOLO_VENV))/bin:$$PATH" $(YOLO_PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/02_yolo.ipynb tests/test_tutorial_yolo.py
