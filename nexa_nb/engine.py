@@ -71,7 +71,7 @@ def build_accelerator(plan: Plan):
     accelerator = Accelerator(
         **kwargs,
         kwargs_handlers=handlers,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=plan.config.seed),
         step_scheduler_with_optimizer=False,
     )
     reported = accelerator.distributed_type.value if hasattr(accelerator.distributed_type, "value") else str(accelerator.distributed_type)
@@ -319,11 +319,17 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
 
     from torch.utils.data import DataLoader
 
+    # Each loader draws from a generator of its own, never from the global RNG that dropout uses:
+    # a DataLoader takes a seed from its generator at every new iterator, and a resumed run
+    # creates one where the uninterrupted run did not, so drawing from the global RNG would
+    # shift every dropout mask after a resume. The order itself comes from Accelerate's
+    # seedable sampler: a function of (seed, epoch).
     loader = DataLoader(task.train_data, batch_size=plan.micro_batch, shuffle=True,
-                        collate_fn=task.collate_fn, drop_last=True)
+                        collate_fn=task.collate_fn, drop_last=True, generator=torch.Generator().manual_seed(c.seed))
     eval_loader = None
     if task.eval_data is not None:
-        eval_loader = DataLoader(task.eval_data, batch_size=plan.micro_batch, shuffle=False, collate_fn=task.collate_fn)
+        eval_loader = DataLoader(task.eval_data, batch_size=plan.micro_batch, shuffle=False, collate_fn=task.collate_fn,
+                                 generator=torch.Generator().manual_seed(c.seed))
 
     micro_per_epoch = (len(loader) // plan.procs) if plan.procs > 1 else len(loader)
     steps_per_epoch = micro_per_epoch // plan.grad_accum

@@ -15,8 +15,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def regression_task(n: int = 256, dim: int = 8, hidden: int = 16, seed: int = 0, eval_n: int = 0, metrics=None):
-    """y = Xw + noise, learned by a small MLP; the model is a factory, built inside each worker."""
+def regression_task(n: int = 256, dim: int = 8, hidden: int = 16, seed: int = 0, eval_n: int = 0, metrics=None,
+                    dropout: float = 0.0):
+    """y = Xw + noise, learned by a small MLP (with dropout if asked); the model is a factory,
+    built inside each worker."""
     import torch
 
     import nexa_nb
@@ -28,7 +30,9 @@ def regression_task(n: int = 256, dim: int = 8, hidden: int = 16, seed: int = 0,
     pairs = list(zip(x, y))
 
     def model():
-        return torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+        layers = [torch.nn.Linear(dim, hidden), torch.nn.Tanh()]
+        layers += [torch.nn.Dropout(dropout)] if dropout else []
+        return torch.nn.Sequential(*layers, torch.nn.Linear(hidden, 1))
 
     def loss_fn(out, batch):
         return torch.nn.functional.mse_loss(out, batch[-1])

@@ -66,9 +66,13 @@ def test_zero_stages_train_and_follow_the_plain_run(options, procs, quiet):
 
 
 @pytest.mark.parametrize("options", [pytest.param({}, id="plain"), pytest.param(dict(zero=2), id="zero2"),
-                                     pytest.param(dict(zero=3, procs=2), id="zero3-2procs")])
+                                     pytest.param(dict(zero=3, procs=2), id="zero3-2procs"),
+                                     pytest.param(dict(dropout=0.3, procs=2, eval_every=5), id="dropout-eval-2procs")])
 def test_resume_from_a_checkpoint_continues_the_same_loss_curve(options, tmp_path, quiet):
-    task = regression_task(n=128)
+    """Resumed mid-epoch (16 steps an epoch), through an epoch boundary; with dropout, the
+    masks after the resume are the ones the uninterrupted run drew."""
+    options = dict(options)
+    task = regression_task(n=128, eval_n=16 if "eval_every" in options else 0, dropout=options.pop("dropout", 0.0))
     common = dict(sinks=[quiet], max_steps=20, lr=0.02, batch_size=8, **options)
     full = nexa_nb.train(task, ckpt_dir=str(tmp_path / "full"), ckpt_every=10, **common)
     step10 = tmp_path / "full" / "step-0000010"
