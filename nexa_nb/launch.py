@@ -18,6 +18,9 @@ What upstream gets wrong on this path, and what this module does about it:
   the sinks, and rank 0 sends its outcome last.
 * "Address already in use" on a re-run -> a free port is picked for every launch.
 * CUDA initialised in the kernel breaks the fork -> refused before launching, with the fix.
+* Workers' native output (compilers DeepSpeed runs, C++ warnings) lands in the cell
+  -> each rank's file descriptors 1 and 2 go to a log file; what Python code prints
+  still shows. The logs are kept, and named in the error, only when a run fails.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import logging
 import pickle
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import traceback
 from contextlib import contextmanager, redirect_stdout
@@ -142,11 +148,33 @@ def _fork_one(worker, args, port: int) -> None:
     elastic_launch(config=config, entrypoint=worker)(*args)
 
 
-def _worker(plan: Plan, task: Task, queue) -> None:
+def native_output_to(path: str) -> None:
+    """Send this process's file descriptors 1 and 2 to `path`; Python's own streams keep their target.
+
+    A stream that wrote to descriptor 1 or 2 directly (a script's sys.stdout) is moved to a
+    copy of it first. In a kernel, sys.stdout already forwards to the cell without them.
+    """
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = getattr(sys, name)
+        try:
+            writes_to_fd = stream.fileno() == fd
+        except (AttributeError, OSError, ValueError):  # a kernel's or a test's stream
+            writes_to_fd = False
+        if writes_to_fd:
+            stream.flush()
+            setattr(sys, name, os.fdopen(os.dup(fd), "w", buffering=1, encoding=stream.encoding,
+                                         errors=stream.errors))
+        os.dup2(log, fd)
+    os.close(log)
+
+
+def _worker(plan: Plan, task: Task, queue, log_dir: str) -> None:
     """Entry point of every rank. Never lets an exception leave without reporting it."""
     from nexa_nb import engine
 
     rank = int(os.environ.get("RANK", "0"))
+    native_output_to(os.path.join(log_dir, f"rank{rank}.log"))
     try:
         if plan.procs == 1 and plan.deepspeed_config is None:
             # With these set, Accelerate would report MULTI_CPU/MULTI_GPU for a single process.
@@ -259,17 +287,19 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
     release_openmp_threads()
     queue = multiprocessing.get_context("fork").SimpleQueue()
     port = free_port()
+    log_dir = tempfile.mkdtemp(prefix="nexa_nb-workers-")
+    args = (plan, task, queue, log_dir)
     sinks = list(sinks)
     interrupted = False
     launch_error: BaseException | None = None
     with _Drain(queue, sinks) as drain:
         try:
-            with kept_signal_handlers():
+            with kept_signal_handlers(), _quiet_elastic_agent():
                 if plan.procs == 1:
-                    _fork_one(_worker, (plan, task, queue), port)
+                    _fork_one(_worker, args, port)
                 else:
                     with redirect_stdout(_WithoutLaunchBanner(sys.stdout)):
-                        notebook_launcher(_worker, args=(plan, task, queue), num_processes=plan.procs,
+                        notebook_launcher(_worker, args=args, num_processes=plan.procs,
                                           use_port=str(port), master_addr="127.0.0.1")
         except KeyboardInterrupt:
             interrupted = True
@@ -281,13 +311,42 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
         finally:
             gc.unfreeze()
     if interrupted:
-        return _interrupted_outcome(plan, drain, sinks)
-    if drain.failures or launch_error is not None:
-        raise _failure(plan, drain, launch_error, sinks)
-    if drain.outcome is None:
+        outcome = _interrupted_outcome(plan, drain, sinks)
+    elif drain.failures or launch_error is not None:
+        raise _failure(plan, drain, launch_error, sinks, log_dir)
+    elif drain.outcome is None:
         lost = f" (messages lost: {'; '.join(drain.lost)})" if drain.lost else ""
-        raise TrainingError(f"training ended without a result from rank 0{lost}; see the workers' output above")
-    return drain.outcome
+        raise TrainingError(f"training ended without a result from rank 0{lost}; the workers' output: "
+                            f"{_log_files(log_dir)}")
+    else:
+        outcome = drain.outcome
+    shutil.rmtree(log_dir, ignore_errors=True)  # kept only when a run failed
+    return outcome
+
+
+@contextmanager
+def _quiet_elastic_agent():
+    """torch's elastic agent logs, in the kernel, every signal it forwards to the workers; the
+    dashboard already says what happened."""
+    agent_logger = logging.getLogger("torch.distributed.elastic")
+    level = agent_logger.level
+    agent_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        agent_logger.setLevel(level)
+
+
+def _log_files(log_dir: str) -> str:
+    return os.path.join(log_dir, "rank*.log")
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as log:
+            return "".join(log.readlines()[-lines:]).strip()
+    except OSError:
+        return ""
 
 
 def _interrupted_outcome(plan: Plan, drain: _Drain, sinks) -> Any:
@@ -307,7 +366,7 @@ def _interrupted_outcome(plan: Plan, drain: _Drain, sinks) -> Any:
                    num_processes=plan.procs, message=message, notes=list(plan.notes))
 
 
-def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, sinks) -> TrainingError:
+def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, sinks, log_dir: str) -> TrainingError:
     """One error that names the cause, not its echoes.
 
     When one rank dies, its peers fail too ("Connection closed by peer", or the stop signal
@@ -327,14 +386,19 @@ def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, sink
         kind = "" if first.error_type == "TrainingError" else f"{first.error_type}: "
         error = TrainingError(f"{where}{kind}{first.message}", first.traceback, first.error_type, first.rank)
     elif killed:
+        dead = [int(k.split()[1]) for k in killed]
+        last_words = "".join(f"\nlast output of rank {r}:\n{tail}" for r in dead
+                             if (tail := _tail(os.path.join(log_dir, f"rank{r}.log"))))
         error = TrainingError("; ".join(killed) + ". The other workers were stopped. "
-                              "Fix: run again with --resume latest to continue from the last checkpoint")
+                              "Fix: run again with --resume latest to continue from the last checkpoint. "
+                              f"The workers' output: {_log_files(log_dir)}{last_words}")
     elif drain.failures:
         first = drain.failures[0]
         error = TrainingError(f"rank {first.rank}: {first.error_type}: {first.message}", first.traceback,
                               first.error_type, first.rank)
     else:
-        error = TrainingError(f"the launch failed: {type(launch_error).__name__}: {launch_error}")
+        error = TrainingError(f"the launch failed: {type(launch_error).__name__}: {launch_error}; "
+                              f"the workers' output: {_log_files(log_dir)}")
     if not drain.ended:
         end = ev.RunEnded(status="failed", step=drain.last_step, message=str(error))
         for sink in sinks:

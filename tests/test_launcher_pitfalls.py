@@ -155,3 +155,31 @@ def test_a_kernel_that_ran_multithreaded_torch_can_still_fork_workers(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parents[1])
     assert done.stdout.strip().splitlines()[-1] == "completed", done.stderr[-2000:]
+
+
+def _noisy_model():
+    """Writes what a compiler or C++ code would (straight to descriptor 2), and prints from Python."""
+    os.write(2, b"native noise from a worker\n")
+    print("python print from a worker", flush=True)
+    return torch.nn.Linear(8, 1)
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_workers_native_output_goes_to_a_log_python_prints_still_show(procs, capfd, quiet):
+    task = regression_task()
+    task = nexa_nb.Task(_noisy_model, task.train_data, loss_fn=task.loss_fn)
+    nexa_nb.train(task, sinks=[quiet], procs=procs, max_steps=2)
+
+    out, err = capfd.readouterr()
+    assert "native noise" not in out + err
+    assert out.count("python print from a worker") == procs
+
+
+def test_a_killed_worker_error_names_its_log(quiet):
+    def model():
+        os.write(2, b"last words before the kill\n")
+        os.kill(os.getpid(), 9)
+
+    task = regression_task()
+    with pytest.raises(TrainingError, match=r"(?s)rank 0 killed by SIGKILL.*rank\*\.log.*last words before the kill"):
+        nexa_nb.train(nexa_nb.Task(model, task.train_data, loss_fn=task.loss_fn), sinks=[quiet], max_steps=2)
