@@ -71,6 +71,35 @@ def _query_nvidia_smi() -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity and its cgroup's CPU quota (a container's
+    or Binder's limit), with hyper-threads counted as one core.
+
+    ``psutil.cpu_count()`` counts the whole host: in a container limited to 2 CPUs on a
+    64-core host it says 32 or 64, and that many threads per worker would thrash.
+    """
+    import psutil
+
+    logical = os.cpu_count() or 1
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    physical = psutil.cpu_count(logical=False) or logical
+    cores = available * physical / logical
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, quota)
+    return max(1, int(cores))
+
+
+def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max``: "QUOTA PERIOD" or "max PERIOD"), or None."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
 def probe() -> Hardware:
     """Describe this machine now."""
     import psutil
@@ -80,7 +109,7 @@ def probe() -> Hardware:
     bf16 = bool(gpus) and all(g.compute_capability >= 8.0 for g in gpus)  # bf16 tensor cores arrived with Ampere (sm_80)
     return Hardware(
         gpus=gpus,
-        cpu_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        cpu_cores=usable_cores(),
         host_memory_bytes=vm.total,
         host_available_bytes=vm.available,
         bf16_gpu=bf16,

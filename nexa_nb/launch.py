@@ -180,14 +180,10 @@ def _worker(plan: Plan, task: Task, queue, log_dir: str) -> None:
             # With these set, Accelerate would report MULTI_CPU/MULTI_GPU for a single process.
             for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
                 os.environ.pop(name, None)
-        if plan.device == "cpu":
-            import psutil
+        if "OMP_NUM_THREADS" in plan.worker_env:  # torch, already imported in the kernel, reads it no more
             import torch
 
-            cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-            threads = max(1, cores // plan.procs)  # a share of the cores each; oversubscribing slows every rank
-            torch.set_num_threads(threads)
-            os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # Accelerate would set (and warn) otherwise
+            torch.set_num_threads(int(plan.worker_env["OMP_NUM_THREADS"]))
         outcome = engine.run(plan, task, queue.put)
         if rank == 0:
             queue.put(WorkerDone(pickle.dumps(outcome)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,15 @@ def scale_lr(lr: float, rule: str, effective_batch: int, reference_batch: int) -
     return lr
 
 
+def cpu_threads_per_process(procs: int, cores: int) -> int:
+    """OMP_NUM_THREADS as the user set it, else a share of the usable cores for each process:
+    more threads than cores slows every rank."""
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested.isdigit() and int(requested) > 0:
+        return int(requested)
+    return max(1, cores // procs)
+
+
 def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
               total_params: int | None = None, largest_layer_params: int | None = None) -> Plan:
     """Resolve `config` for `hardware` (probed when not given). Raises `ConfigError`."""
@@ -179,6 +189,7 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
     if not on_cuda:
         worker_env["CUDA_VISIBLE_DEVICES"] = ""
         worker_env["DS_ACCELERATOR"] = "cpu"  # said, not guessed: DeepSpeed warns when it has to guess
+        worker_env["OMP_NUM_THREADS"] = str(cpu_threads_per_process(c.procs, hw.cpu_cores))
     if on_cuda and c.offload_optimizer != "none" and c.zero is not None:
         notes.append("optimizer offload uses DeepSpeedCPUAdam, compiled on first use (about a minute), cached after")
 

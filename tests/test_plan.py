@@ -238,3 +238,23 @@ def test_memory_rows_when_the_parameter_count_is_known(hardware):
     assert {row.stage for row in p.memory} >= {None, 2, 3}
     assert p.recommendation is not None
     assert make_plan(cfg, hardware).memory == ()
+
+
+@pytest.mark.parametrize("procs, omp, threads", [(1, None, 2), (2, None, 1), (3, None, 1), (1, "1", 1), (2, "4", 4)])
+def test_cpu_workers_get_a_share_of_the_cores_or_the_users_omp_num_threads(monkeypatch, procs, omp, threads):
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert plan(procs=procs).worker_env["OMP_NUM_THREADS"] == str(threads)
+    assert "OMP_NUM_THREADS" not in plan(GPU, procs=min(procs, 2)).worker_env
+
+
+@pytest.mark.parametrize("content, cpus", [("200000 100000\n", 2.0), ("50000 100000", 0.5), ("max 100000", None),
+                                           ("", None)])
+def test_a_containers_cpu_quota_is_read_from_its_cgroup(tmp_path, content, cpus):
+    from nexa_nb.hardware import cgroup_cpu_quota
+
+    (tmp_path / "cpu.max").write_text(content)
+    assert cgroup_cpu_quota(str(tmp_path / "cpu.max")) == cpus
+    assert cgroup_cpu_quota(str(tmp_path / "missing")) is None
