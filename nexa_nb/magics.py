@@ -38,7 +38,7 @@ from IPython.core.magic_arguments import (
 from traitlets import Bool, Float, Unicode
 
 from nexa_nb import api, memory
-from nexa_nb.config import FIELD_NAMES, OFFLOAD_DEVICES, ConfigError, resolve_config
+from nexa_nb.config import FIELD_NAMES, LR_SCALING, OFFLOAD_DEVICES, SCHEDULERS, ConfigError, resolve_config
 from nexa_nb.errors import TrainingError
 from nexa_nb.events import RunStarted
 from nexa_nb.hardware import probe
@@ -63,13 +63,27 @@ class one_of(ArgDecorator):
             exclusive.add_argument(*names, **options)
 
 
+# What `--zero none` and `--clip-norm none` parse to: None itself would read as "not typed".
+TYPED_NONE = type("TypedNone", (), {"__repr__": lambda self: "none"})()
+
+
 def _zero_stage(text: str):
     """--zero 0..3, or none: no DeepSpeed (to override a default set by %nexa_config)."""
     if text.lower() == "none":
-        return None
+        return TYPED_NONE
     if text not in ("0", "1", "2", "3"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a ZeRO stage; use 0, 1, 2, 3 or none")
     return int(text)
+
+
+def _clip_norm(text: str):
+    """--clip-norm F, or none: no clipping."""
+    if text.lower() == "none":
+        return TYPED_NONE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; use a positive number or none") from None
 
 
 def _precision(flag: str, value: str, text: str):
@@ -103,21 +117,35 @@ CONFIG_FLAGS = (
     argument("--target-batch", type=int, metavar="N",
              help="effective batch wanted; the accumulation is derived from it (target_batch=)."),
     argument("--procs", type=int, metavar="N", help="worker processes: GPUs, or CPU processes (procs=)."),
+    argument("--force-cpu", action=argparse.BooleanOptionalAction, default=None,
+             help="train on the CPU even when GPUs are present (force_cpu=True)."),
+    argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+             help="shard the model with PyTorch FSDP instead of ZeRO, GPUs only (fsdp=True)."),
     argument_group("schedule"),
     argument("--epochs", type=int, metavar="N", help="passes over the data (epochs=)."),
     argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps (max_steps=)."),
     argument("--lr", type=float, metavar="F", help="peak learning rate of AdamW (lr=)."),
+    argument("--lr-scaling", choices=LR_SCALING,
+             help="scale --lr with the effective batch: none, linear or sqrt (lr_scaling=)."),
+    argument("--weight-decay", type=float, metavar="F", help="AdamW weight decay (weight_decay=)."),
+    argument("--warmup-steps", type=int, metavar="N", help="linear warm-up from 0 to --lr (warmup_steps=)."),
+    argument("--scheduler", choices=SCHEDULERS, help="learning rate after warm-up (scheduler=)."),
+    argument("--clip-norm", type=_clip_norm, metavar="F|none",
+             help="clip the gradient norm to F; none turns clipping off (clip_norm=)."),
     argument("--seed", type=int, metavar="N", help="seed for weights, data order and dropout (seed=)."),
     argument_group("model"),
     argument("--lora", action=argparse.BooleanOptionalAction, default=None,
              help="train LoRA adapters only (lora=True); --no-lora turns off a default."),
     argument("--lora-r", type=int, metavar="N", help="LoRA rank (lora_r=)."),
     argument("--lora-alpha", type=int, metavar="N", help="LoRA scale numerator (lora_alpha=)."),
+    argument("--lora-dropout", type=float, metavar="F", help="dropout on the LoRA branch (lora_dropout=)."),
     argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
              help="gradient checkpointing: recompute activations to save memory (grad_ckpt=True)."),
     argument_group("checkpoints"),
     argument("--ckpt-dir", metavar="PATH", help="folder for checkpoints (ckpt_dir=)."),
     argument("--ckpt-every", type=int, metavar="N", help="save every N optimizer steps (ckpt_every=)."),
+    argument("--eval-every", type=int, metavar="N",
+             help="evaluate the task's eval data every N optimizer steps, and at the end (eval_every=)."),
     argument("--resume", metavar="PATH|latest", help="continue from a checkpoint folder, or the newest in "
                                                      "--ckpt-dir (resume=)."),
     argument_group("files"),
@@ -135,7 +163,8 @@ def config_flags(func):
 
 def options_of(args) -> dict:
     """The flags typed, as `TrainConfig` fields: the "argument" layer of the configuration."""
-    return {name: value for name, value in vars(args).items() if name in FIELD_NAMES and value is not None}
+    return {name: None if value is TYPED_NONE else value for name, value in vars(args).items()
+            if name in FIELD_NAMES and value is not None}
 
 
 # argparse's problem statements and the fix for each.

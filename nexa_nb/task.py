@@ -20,8 +20,12 @@ class Task:
     loss_fn:    ``loss_fn(outputs, batch) -> scalar tensor``; not needed when the model's
                 output has a ``.loss`` (transformers models given labels) or is a dict with
                 a "loss" key.
-    metrics:    ``metrics(model, eval_batches) -> dict[str, float]``, computed on rank 0 at
-                each evaluation, for task-specific scores (F1, mAP, accuracy...).
+    metrics:    ``metrics(model, eval_batches) -> dict[str, float]``, for task-specific scores
+                (F1, mAP, accuracy...). It runs on every rank at each evaluation (under
+                ZeRO-3 a forward needs all ranks), with that rank's shard of the eval batches,
+                and rank 0's scores are reported. For a score of the whole eval set with
+                several processes, gather across ranks (``torch.distributed.all_gather_object``)
+                or score held-out data the metric keeps itself, as the tutorials do.
     forward:    ``forward(model, batch) -> outputs``; default: ``model(**batch)`` for a
                 dict batch, ``model(*batch[:-1])`` for a tuple/list batch (the last item being
                 the target), ``model(batch)`` otherwise.

@@ -360,6 +360,10 @@ def test_bad_config_flags_leave_the_defaults_alone(shell, nexa, line):
      {"lora": True, "lora_r": 4, "grad_ckpt": True, "seed": 3}, None),
     ("--epochs 3 --lr 0.02 --ckpt-dir ckpt --ckpt-every 5",
      {"epochs": 3, "lr": 0.02, "ckpt_dir": "ckpt", "ckpt_every": 5}, None),
+    ("--weight-decay 0.01 --warmup-steps 10 --scheduler cosine --clip-norm 0.5 --eval-every 20",
+     {"weight_decay": 0.01, "warmup_steps": 10, "scheduler": "cosine", "clip_norm": 0.5, "eval_every": 20}, None),
+    ("--lr-scaling sqrt --lora --lora-dropout 0.1 --force-cpu",
+     {"lr_scaling": "sqrt", "lora_dropout": 0.1, "force_cpu": True}, None),
 ])
 def test_config_flags_resolve_to_the_plan(shell, nexa, line, fields, ds_zero):
     shell.run_line_magic("nexa_config", line)
@@ -374,6 +378,15 @@ def test_config_flags_resolve_to_the_plan(shell, nexa, line, fields, ds_zero):
         assert {key: zero.get(key) for key in ds_zero} == ds_zero
     if "target_batch" in fields:
         assert (plan.grad_accum, plan.effective_batch) == (4, 32)
+
+
+@pytest.mark.parametrize("default, line, field", [("--zero 2", "--zero none", "zero"),
+                                                   ("--clip-norm 0.5", "--clip-norm none", "clip_norm")])
+def test_none_on_the_train_line_overrides_a_session_default(shell, nexa, core, default, line, field):
+    shell.run_line_magic("nexa_config", default)
+    shell.run_line_magic("nexa_train", line)
+    assert options(core[-1])[field] is None
+    assert getattr(resolve_config(session=core[-1]["session"], arguments=options(core[-1])), field) is None
 
 
 def test_config_table_names_every_source(shell, nexa, monkeypatch, tmp_path, capsys):
