@@ -72,6 +72,9 @@ class TrainConfig:
     """Directory for NVMe offload (must exist and be writable)."""
     fsdp: bool = False
     """PyTorch FSDP full sharding (CUDA GPUs only; not together with ZeRO)."""
+    find_unused_parameters: bool = False
+    """DDP (several processes without ZeRO): allow parameters that take no part in the loss,
+    at the cost of a search through the autograd graph at every step."""
 
     # --- model -------------------------------------------------------------------------
     grad_ckpt: bool = False
@@ -414,7 +417,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise bad("a list of names")
         return tuple(value)
-    if name in ("strict", "fsdp", "grad_ckpt", "lora", "force_cpu"):
+    if name in ("strict", "fsdp", "find_unused_parameters", "grad_ckpt", "lora", "force_cpu"):
         if not isinstance(value, bool):
             raise bad("True or False")
         return value

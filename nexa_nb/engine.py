@@ -58,7 +58,12 @@ def build_accelerator(plan: Plan):
     ``train_batch_size`` check then fails).  Passing the backend explicitly fixes both.
     """
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import (
+        DeepSpeedPlugin,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
 
     kwargs = dict(plan.accelerator_kwargs)
     handlers = []
@@ -66,6 +71,8 @@ def build_accelerator(plan: Plan):
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(plan.deepspeed_config))
         if plan.device == "cpu":
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if plan.config.find_unused_parameters and plan.deepspeed_config is None:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     if "project_dir" in kwargs:
         kwargs["project_config"] = ProjectConfiguration(project_dir=kwargs.pop("project_dir"))
     accelerator = Accelerator(
@@ -463,6 +470,14 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
     except KeyboardInterrupt:
         status, message = "interrupted", f"interrupted at step {step}"
         checkpoint_dir = last_saved
+    except RuntimeError as exc:
+        unused = _unused_parameters(exc, model)
+        if unused is None:
+            raise
+        raise TrainingError(
+            f"these parameters take no part in the loss, and DDP cannot synchronise them: {', '.join(unused)}. "
+            "Fix: leave them out of the model (or set requires_grad=False on them), "
+            "or pass --find-unused-parameters (find_unused_parameters=True)") from exc
     finally:
         if c.trackers:
             accelerator.end_training()
@@ -515,6 +530,21 @@ def final_state_dict(accelerator, model, plan: Plan) -> dict[str, torch.Tensor] 
         return {k: v.detach().cpu().clone() for k, v in merged.state_dict().items()}
     return {k: v.detach().cpu().float().clone() if v.is_floating_point() else v.detach().cpu().clone()
             for k, v in state.items()}
+
+
+def _unused_parameters(exc: RuntimeError, model) -> list[str] | None:
+    """The names behind DDP's "Parameter indices which did not receive grad for rank R: 2 3",
+    or None when `exc` is another error."""
+    import re
+
+    found = re.search(r"did not receive grad for rank \d+: ([\d ]+)", str(exc))
+    if found is None:
+        return None
+    module = getattr(model, "module", model)
+    names = [name for name, p in module.named_parameters() if p.requires_grad]
+    indices = [int(i) for i in found.group(1).split()]
+    listed = [names[i] for i in indices[:5] if i < len(names)]
+    return listed + ([f"and {len(indices) - 5} more"] if len(indices) > 5 else [])
 
 
 def _resume_path(c) -> Path:

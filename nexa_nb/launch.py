@@ -322,11 +322,11 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
 
 @contextmanager
 def _quiet_elastic_agent():
-    """torch's elastic agent logs, in the kernel, every signal it forwards to the workers; the
-    dashboard already says what happened."""
+    """torch's elastic agent logs, in the kernel, every signal it forwards to the workers and
+    each failed worker's traceback; the dashboard and the raised error already say it."""
     agent_logger = logging.getLogger("torch.distributed.elastic")
     level = agent_logger.level
-    agent_logger.setLevel(logging.ERROR)
+    agent_logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

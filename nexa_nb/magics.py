@@ -121,6 +121,8 @@ CONFIG_FLAGS = (
              help="train on the CPU even when GPUs are present (force_cpu=True)."),
     argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
              help="shard the model with PyTorch FSDP instead of ZeRO, GPUs only (fsdp=True)."),
+    argument("--find-unused-parameters", action=argparse.BooleanOptionalAction, default=None,
+             help="DDP: allow parameters that take no part in the loss (find_unused_parameters=True)."),
     argument_group("schedule"),
     argument("--epochs", type=int, metavar="N", help="passes over the data (epochs=)."),
     argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps (max_steps=)."),

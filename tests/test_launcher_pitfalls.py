@@ -183,3 +183,26 @@ def test_a_killed_worker_error_names_its_log(quiet):
     task = regression_task()
     with pytest.raises(TrainingError, match=r"(?s)rank 0 killed by SIGKILL.*rank\*\.log.*last words before the kill"):
         nexa_nb.train(nexa_nb.Task(model, task.train_data, loss_fn=task.loss_fn), sinks=[quiet], max_steps=2)
+
+
+class _WithUnusedHead(torch.nn.Module):
+    """A model whose `pooler` takes no part in the loss, as a transformers encoder's often does."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(8, 1)
+        self.pooler = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_ddp_unused_parameters_are_named_with_the_fix_and_the_option_trains(quiet):
+    task = regression_task()
+    task = nexa_nb.Task(_WithUnusedHead, task.train_data, loss_fn=task.loss_fn)
+    with pytest.raises(TrainingError, match=r"take no part in the loss.*pooler\.weight, pooler\.bias\. "
+                                            r"Fix: .*--find-unused-parameters"):
+        nexa_nb.train(task, sinks=[quiet], procs=2, max_steps=3)
+
+    result = nexa_nb.train(task, sinks=[quiet], procs=2, max_steps=3, find_unused_parameters=True)
+    assert result.status == "completed" and result.distributed_type == "MULTI_CPU"
