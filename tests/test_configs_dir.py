@@ -86,9 +86,13 @@ def test_file_plans(path, hardware):
 @pytest.mark.parametrize("path", CPU_YAMLS, ids=ids(CPU_YAMLS))
 def test_cpu_yaml_passes_accelerate_test(path, tmp_path):
     bin_dir = Path(sys.executable).parent  # `accelerate test` runs `accelerate-launch` from PATH
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    # accelerate's test script builds a plain Accelerator(): CPU workers join one process group
+    # only when told to use the CPU, as cpu_multi.yaml's header says.
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", ACCELERATE_USE_CPU="1")
     # accelerate's test script writes scratch files into the working directory: a private one
     result = subprocess.run([str(bin_dir / "accelerate"), "test", "--config_file", str(path.absolute())],
                             capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Test is a success" in result.stdout
+    procs = YAMLS[path].get("num_processes", 1)
+    assert result.stdout.count(f"Num processes: {procs}") == procs  # one process group, not copies
