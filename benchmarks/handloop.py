@@ -101,16 +101,20 @@ def hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = False
     accelerator.wait_for_everyone()
 
 
-def _worker(procs: int, task, options: dict[str, Any], sync_every_micro_step: bool, weights_out: str | None) -> None:
-    import psutil
+def _worker(procs: int, task, options: dict[str, Any], sync_every_micro_step: bool, weights_out: str | None,
+            all_forked) -> None:
     import torch
 
+    from nexa_nb.hardware import usable_cores
+    from nexa_nb.plan import cpu_threads_per_process
+
+    all_forked.wait(120)  # as nexa_nb's workers do: nothing connects before every worker is forked
     if options.get("force_cpu", False):
         # As nexa_nb's launcher does for CPU workers: the cores shared out, one share per process
         # (and OMP_NUM_THREADS said, so that Accelerate does not set it again).
-        threads = max(1, (psutil.cpu_count(logical=False) or os.cpu_count() or 1) // procs)
+        threads = cpu_threads_per_process(procs, usable_cores())
         torch.set_num_threads(threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     hand_loop(task, options, sync_every_micro_step, weights_out)
 
 
@@ -121,7 +125,7 @@ def run_hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = F
     from accelerate import notebook_launcher
 
     procs = options["procs"]
-    args = (procs, task, options, sync_every_micro_step, weights_out)
+    args = (procs, task, options, sync_every_micro_step, weights_out, multiprocessing.get_context("fork").Barrier(procs))
     # As nexa_nb's launcher does before forking: the workers' garbage collector then leaves
     # the objects inherited from this process alone, on both sides alike.
     gc.collect()

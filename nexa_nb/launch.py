@@ -18,6 +18,11 @@ What upstream gets wrong on this path, and what this module does about it:
   the sinks, and rank 0 sends its outcome last.
 * "Address already in use" on a re-run -> a free port is picked for every launch.
 * CUDA initialised in the kernel breaks the fork -> refused before launching, with the fix.
+* The kernel forks the workers one after another while a thread of its own (the elastic
+  agent's store) accepts the first workers' connections. A worker forked while that thread
+  held a libc lock (the resolver's, taken to format a peer address) inherits it locked
+  and hangs forever in its own first connection.
+  -> every worker waits at a barrier until all are forked before it connects anywhere.
 * Workers' native output (compilers DeepSpeed runs, C++ warnings) lands in the cell
   -> each rank's file descriptors 1 and 2 go to a log file; what Python code prints
   still shows. The logs are kept, and named in the error, only when a run fails.
@@ -169,13 +174,18 @@ def native_output_to(path: str) -> None:
     os.close(log)
 
 
-def _worker(plan: Plan, task: Task, queue, log_dir: str) -> None:
+# How long a forked worker waits for the others to be forked before it gives up.
+ALL_FORKED_TIMEOUT_S = 120
+
+
+def _worker(plan: Plan, task: Task, queue, log_dir: str, all_forked) -> None:
     """Entry point of every rank. Never lets an exception leave without reporting it."""
     from nexa_nb import engine
 
     rank = int(os.environ.get("RANK", "0"))
     native_output_to(os.path.join(log_dir, f"rank{rank}.log"))
     try:
+        all_forked.wait(ALL_FORKED_TIMEOUT_S)
         if plan.procs == 1 and plan.deepspeed_config is None:
             # With these set, Accelerate would report MULTI_CPU/MULTI_GPU for a single process.
             for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
@@ -281,10 +291,11 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
     gc.collect()
     gc.freeze()
     release_openmp_threads()
-    queue = multiprocessing.get_context("fork").SimpleQueue()
+    fork = multiprocessing.get_context("fork")
+    queue = fork.SimpleQueue()
     port = free_port()
     log_dir = tempfile.mkdtemp(prefix="nexa_nb-workers-")
-    args = (plan, task, queue, log_dir)
+    args = (plan, task, queue, log_dir, fork.Barrier(plan.procs))
     sinks = list(sinks)
     interrupted = False
     launch_error: BaseException | None = None
