@@ -10,6 +10,7 @@ checkpointing.  It knows nothing about notebooks; it reports through ``emit``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -240,6 +241,58 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
             "digest": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
 
 
+class Every:
+    """True at most once per `seconds`, the first time included: for what the live view shows
+    but a fast loop should not pay for at every step (a pipe write, a /proc read)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.last = -math.inf
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+
+class MeanOverRanks:
+    """Each step's loss averaged over the ranks, without stopping the loop for it.
+
+    A blocking all-reduce per step waits for the slowest rank a second time (DDP's gradient
+    all-reduce already did): it cost several per cent of the step rate on CPU processes. So
+    every rank posts an asynchronous all-reduce at the end of each step, in the same order on
+    all ranks, and collects the result at the end of the next step, when it has long arrived.
+    """
+
+    def __init__(self, world: int):
+        self.world = world
+        self.pending: tuple[torch.Tensor, Any, Any] | None = None
+
+    def post(self, local: torch.Tensor, payload: Any) -> tuple[float, Any] | None:
+        """Start averaging `local`; return the previous step's (mean, payload), if one waits."""
+        finished = self.finish()
+        total = local.detach().float().clone()
+        work = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            work = dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True)
+        self.pending = (total, work, payload)
+        return finished
+
+    def finish(self) -> tuple[float, Any] | None:
+        """The pending step's (mean, payload), waiting for it if needed; None when none waits."""
+        if self.pending is None:
+            return None
+        total, work, payload = self.pending
+        self.pending = None
+        if work is not None:
+            work.wait()
+        return (total / self.world).item(), payload
+
+
 def memory_sample(device: torch.device) -> ev.MemorySample:
     import psutil
 
@@ -383,6 +436,25 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
     last_saved = None
     eval_metrics: dict[str, float] = {}
     grad_norms: list[float] = []
+    # The dashboard redraws a few times a second: memory, micro-step progress and the other
+    # ranks' steps need no more. Rank 0 reports every step (the console prints some of them).
+    memory_due, micro_step_due, peer_step_due = Every(0.5), Every(0.25), Every(0.25)
+    memory = None
+    mean_loss = MeanOverRanks(accelerator.num_processes)
+
+    def record(finished: tuple[float, ev.StepEnd] | None) -> None:
+        """Put a step whose mean loss is known into the history, the sinks and the trackers."""
+        if finished is None:
+            return
+        global_loss, report = finished
+        history.append({"step": report.step, "loss": global_loss, "lr": report.lr, "grad_norm": report.grad_norm,
+                        "epoch": report.epoch, "samples_per_s": report.samples_per_s * plan.procs})
+        if rank == 0 or peer_step_due() or report.step >= total_steps:
+            emit(dataclasses.replace(report, mean_loss=global_loss))
+        if c.trackers:
+            accelerator.log({"train/loss": global_loss, "train/lr": report.lr,
+                             **({"train/grad_norm": report.grad_norm} if report.grad_norm is not None else {})},
+                            step=report.step)
 
     def ckpt_state():
         return {"step": step, "procs": plan.procs, "zero": c.zero, "micro_batch": plan.micro_batch,
@@ -404,7 +476,7 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
                     break
                 micro += 1
                 k = (micro - 1) % plan.grad_accum + 1
-                if plan.grad_accum > 1:
+                if plan.grad_accum > 1 and micro_step_due():
                     emit(ev.MicroStep(rank=rank, step=step + 1, micro=k, of=plan.grad_accum))
                 if cast_dtype is not None:
                     batch = cast_floats(batch, cast_dtype)
@@ -428,31 +500,30 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
                     continue
 
                 step += 1
-                local_loss = (loss_sum / plan.grad_accum)
-                global_loss = accelerator.reduce(local_loss.clone(), reduction="mean").item()
+                local_loss = loss_sum / plan.grad_accum
                 elapsed = time.perf_counter() - cycle_start
                 norm = float(grad_norm) if grad_norm is not None else None
                 if norm is not None and math.isfinite(norm):
                     grad_norms.append(norm)
-                lr = scheduler.get_last_lr()[0]
-                record = {"step": step, "loss": global_loss, "lr": lr, "grad_norm": norm, "epoch": epoch,
-                          "samples_per_s": samples * plan.procs / elapsed if elapsed > 0 else 0.0}
-                history.append(record)
-                emit(ev.StepEnd(rank=rank, step=step, total_steps=total_steps, loss=local_loss.item(), lr=lr,
-                                grad_norm=norm, samples_per_s=samples / elapsed if elapsed > 0 else 0.0,
-                                tokens_per_s=(tokens / elapsed) if tokens and elapsed > 0 else None,
-                                memory=memory_sample(accelerator.device), epoch=epoch, grad_accum=plan.grad_accum,
-                                micro_batch=plan.micro_batch, accum_time_s=elapsed,
-                                mean_grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None,
-                                mean_loss=global_loss))
-                if c.trackers:
-                    accelerator.log({"train/loss": global_loss, "train/lr": lr,
-                                     **({"train/grad_norm": norm} if norm is not None else {})}, step=step)
-                if c.eval_every and eval_loader is not None and step % c.eval_every == 0 and step < total_steps:
+                if memory_due():
+                    memory = memory_sample(accelerator.device)
+                report = ev.StepEnd(
+                    rank=rank, step=step, total_steps=total_steps, loss=local_loss.item(),
+                    lr=scheduler.get_last_lr()[0], grad_norm=norm, samples_per_s=samples / elapsed if elapsed > 0 else 0.0,
+                    tokens_per_s=(tokens / elapsed) if tokens and elapsed > 0 else None, memory=memory, epoch=epoch,
+                    grad_accum=plan.grad_accum, micro_batch=plan.micro_batch, accum_time_s=elapsed,
+                    mean_grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None)
+                evaluating = bool(c.eval_every and eval_loader is not None and step % c.eval_every == 0
+                                  and step < total_steps)
+                saving = bool(c.ckpt_dir and c.ckpt_every and step % c.ckpt_every == 0)
+                record(mean_loss.post(local_loss, report))
+                if elapsed >= 0.25 or step >= total_steps or evaluating or saving:
+                    record(mean_loss.finish())  # no waiting worth saving: report it now
+                if evaluating:
                     eval_metrics = evaluate(accelerator, model, eval_loader, task, forward, cast_dtype)
                     emit_main(ev.EvalEnd(step=step, metrics=eval_metrics))
                     history[-1].update({f"eval_{k}": v for k, v in eval_metrics.items()})
-                if c.ckpt_dir and c.ckpt_every and step % c.ckpt_every == 0:
+                if saving:
                     last_saved = save_checkpoint(accelerator, c.ckpt_dir, step, ckpt_state())
                     emit_main(ev.CheckpointSaved(step=step, path=last_saved))
                 cycle_start = time.perf_counter()

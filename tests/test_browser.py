@@ -146,7 +146,8 @@ def test_live_dashboard_in_jupyterlab(tmp_path):
         # The end: the progress reached its total. The live widget's last frame (40/40) may be
         # replaced by the picture between two polls; the picture says it in its status line.
         assert final["status"] == ["completed", f"completed {STEPS} steps"], (final, last_live)
-        assert final["points"] == {"0": STEPS, "1": STEPS}, final
+        # rank 0 reports every step; the others a few times a second, and their last step
+        assert final["points"]["0"] == STEPS and 1 < final["points"]["1"] <= STEPS, final
         assert final["memory"] == ["0", "1"], final
         assert f"Trained {STEPS} steps" in snap["text"], snap["text"]
         assert snap["live"] is None, "the live widget is still on the page after finalize"

@@ -114,9 +114,10 @@ def test_events_reach_the_kernel_from_every_rank(quiet):
     nexa_nb.train(regression_task(), sinks=[quiet], procs=2, grad_accum=2, max_steps=4)
     steps = [e for e in quiet.events if isinstance(e, ev.StepEnd)]
     assert {e.rank for e in steps} == {0, 1}
-    assert sorted(e.step for e in steps if e.rank == 1) == [1, 2, 3, 4]
+    assert sorted(e.step for e in steps if e.rank == 0) == [1, 2, 3, 4]
+    assert {1, 4} <= {e.step for e in steps if e.rank == 1}  # the other ranks: a few a second, and the last
     micro = [e for e in quiet.events if isinstance(e, ev.MicroStep) and e.rank == 0]
-    assert [(m.micro, m.of) for m in micro[:2]] == [(1, 2), (2, 2)]
+    assert (micro[0].step, micro[0].micro, micro[0].of) == (1, 1, 2)  # later ones at most 4 a second
     # rank 1 may report its first micro-step before rank 0 has announced the run
     kinds = [type(e) for e in quiet.events]
     assert kinds.index(ev.RunStarted) < kinds.index(ev.StepEnd) and kinds[-1] is ev.RunEnded

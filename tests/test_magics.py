@@ -444,8 +444,8 @@ def test_config_save_failure_writes_nothing(shell, nexa, tmp_path):
     assert [p.name for p in tmp_path.rglob("*")] == ["folder"]
 
 
-def accelerate_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+def accelerate_cli(*args: str, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra_env)
     return subprocess.run([str(Path(sys.executable).parent / "accelerate"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -453,9 +453,12 @@ def accelerate_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_saved_config_passes_accelerate_test(shell, nexa, tmp_path):
     saved_yaml(shell, "--procs 2")
-    out = accelerate_cli("test", "--config_file", "acc.yaml", cwd=tmp_path)
+    # accelerate's test script builds a plain Accelerator(): on a CPU host its workers join one
+    # process group only when told to use the CPU, as the saved YAML's header says.
+    out = accelerate_cli("test", "--config_file", "acc.yaml", cwd=tmp_path, ACCELERATE_USE_CPU="1")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "Test is a success" in out.stdout
+    assert out.stdout.count("Num processes: 2") == 2
 
 
 @pytest.mark.slow

@@ -316,3 +316,16 @@ def test_cpu_memory_rows_show_host_rss():
 def test_sinks_do_not_import_torch():
     code = "import nexa_nb.sinks.dashboard, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_lets_one_call_through_per_interval(monkeypatch):
+    from nexa_nb import engine
+
+    now = [100.0]
+    monkeypatch.setattr(engine.time, "monotonic", lambda: now[0])
+    due = engine.Every(0.5)
+    seen = []
+    for _ in range(10):
+        seen.append(due())
+        now[0] += 0.25
+    assert seen == [True, False] * 5
