@@ -329,3 +329,23 @@ def test_every_lets_one_call_through_per_interval(monkeypatch):
         seen.append(due())
         now[0] += 0.25
     assert seen == [True, False] * 5
+
+
+def test_worker_events_go_in_batches_while_steps_are_fast_and_at_once_when_slow(monkeypatch):
+    from nexa_nb import launch
+
+    now = [0.0]
+    monkeypatch.setattr(launch.time, "monotonic", lambda: now[0])
+    sent = []
+    emit = launch.EventBatcher(sent.append, interval=0.1)
+    step_end = {e.step: e for e in run_events() if isinstance(e, StepEnd) and e.rank == 0}.__getitem__
+    emit(RunStarted(PLAN, 9, 1, "NO"))
+    for step in range(1, 5):  # 40 ms a step: a batch every 100 ms
+        now[0] += 0.04
+        emit(step_end(step))
+    now[0] += 1.0  # a slow step goes at once
+    emit(step_end(5))
+    emit(COMPLETED)
+
+    assert [[type(e).__name__ + (str(e.step) if isinstance(e, StepEnd) else "") for e in batch] for batch in sent] == [
+        ["RunStarted"], ["StepEnd1", "StepEnd2", "StepEnd3"], ["StepEnd4", "StepEnd5"], ["RunEnded"]]
