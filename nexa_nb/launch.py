@@ -215,7 +215,8 @@ class EventBatcher:
 
     One pipe write and one unpickling in the kernel per step cost a few per cent of the step
     rate of a small model on CPU processes; the dashboard redraws only a few times a second.
-    The run's start and end, evaluations and checkpoints go at once.
+    The run's start and end, evaluations, checkpoints and each rank's last step go at once
+    (the last step before the final collective operations, so before rank 0 says the run ended).
     """
 
     URGENT = (ev.RunStarted, ev.RunEnded, ev.EvalEnd, ev.CheckpointSaved)
@@ -228,7 +229,8 @@ class EventBatcher:
 
     def __call__(self, event) -> None:
         self.pending.append(event)
-        if isinstance(event, self.URGENT) or time.monotonic() - self.last_sent >= self.interval:
+        last_step = isinstance(event, ev.StepEnd) and event.step >= event.total_steps
+        if isinstance(event, self.URGENT) or last_step or time.monotonic() - self.last_sent >= self.interval:
             self.flush()
 
     def flush(self) -> None:
@@ -293,6 +295,8 @@ class _Drain:
                     self._show(event)
 
     def _show(self, event) -> None:
+        if self.ended:  # a straggler of another rank (after an interrupt): the sinks have drawn the end
+            return
         if isinstance(event, ev.StepEnd):
             self.last_step = max(self.last_step, event.step)
         if isinstance(event, ev.RunEnded):

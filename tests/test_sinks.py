@@ -345,7 +345,12 @@ def test_worker_events_go_in_batches_while_steps_are_fast_and_at_once_when_slow(
         emit(step_end(step))
     now[0] += 1.0  # a slow step goes at once
     emit(step_end(5))
+    now[0] += 0.01
+    emit(step_end(6))
+    now[0] += 0.01
+    emit(step_end(TOTAL))  # the last step goes at once
     emit(COMPLETED)
 
     assert [[type(e).__name__ + (str(e.step) if isinstance(e, StepEnd) else "") for e in batch] for batch in sent] == [
-        ["RunStarted"], ["StepEnd1", "StepEnd2", "StepEnd3"], ["StepEnd4", "StepEnd5"], ["RunEnded"]]
+        ["RunStarted"], ["StepEnd1", "StepEnd2", "StepEnd3"], ["StepEnd4", "StepEnd5"], ["StepEnd6", f"StepEnd{TOTAL}"],
+        ["RunEnded"]]
