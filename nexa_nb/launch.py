@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -196,6 +197,9 @@ def _worker(plan: Plan, task: Task, queue, log_dir: str, all_forked) -> None:
             import torch
 
             torch.set_num_threads(int(plan.worker_env["OMP_NUM_THREADS"]))
+        # DeepSpeed calls torch.distributed functions that torch has deprecated; the warning
+        # (once per rank, with a file path) is for DeepSpeed's authors, not for the user.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         outcome = engine.run(plan, task, emit)
         emit.flush()
         if rank == 0:
