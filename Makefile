@@ -10,7 +10,7 @@ YOLO_VENV ?= .venv-yolo
 YOLO_PY := $(YOLO_VENV)/bin/python
 YOLO_STAMP := $(YOLO_VENV)/.nexa-installed
 
-.PHONY: demo test test-yolo bench bench-gpu browser-deps clean
+.PHONY: demo test lint test-yolo bench bench-gpu browser-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,14 @@ browser-deps:
 	  else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; fi; }
 
 # This environment's tools first on PATH: DeepSpeed compiles its ops with the first ninja found.
-test: $(STAMP) $(YOLO_STAMP) browser-deps
+test: $(STAMP) $(YOLO_STAMP) browser-deps lint
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests notebooks --nbval-lax --ignore=notebooks/02_yolo.ipynb
 	$(MAKE) --no-print-directory test-yolo
+
+# Formatting and lint: part of `make test`, so a lint error fails CI.
+lint: $(STAMP)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 test-yolo: $(YOLO_STAMP)
 	PATH="$(abspath $(YOLO_VENV))/bin:$$PATH" $(YOLO_PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/02_yolo.ipynb tests/test_tutorial_yolo.py

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from nexa_nb.config import ConfigError, TrainConfig, resolve_config
 from nexa_nb.errors import TrainingError
@@ -34,6 +35,14 @@ class TrainResult:
         loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
         return (f"TrainResult({self.status}, {len(self.history)} steps, final_loss={loss}, "
                 f"{self.distributed_type} x {self.num_processes}, checkpoint_dir={self.checkpoint_dir!r})")
+
+    @classmethod
+    def from_outcome(cls, outcome, plan: Plan, task: Task) -> TrainResult:
+        """The result of training `task` under `plan`, from the engine's `Outcome`."""
+        return cls(history=outcome.history, final_loss=outcome.final_loss, plan=plan,
+                   checkpoint_dir=outcome.checkpoint_dir, distributed_type=outcome.distributed_type,
+                   num_processes=outcome.num_processes, status=outcome.status, eval_metrics=outcome.eval_metrics,
+                   state_dict=outcome.state_dict, task=task, message=outcome.message)
 
     @property
     def losses(self) -> list[float]:
@@ -90,11 +99,7 @@ def train(task: Task, *, config: str | os.PathLike | None = None, session: Mappi
             plan = smaller_micro_batch(plan, exc.rank, resume=_newest(_checkpoints(plan) - saved_before))
             for sink in sinks:
                 sink.handle(Note(plan.notes[-1]))
-    _last = TrainResult(history=outcome.history, final_loss=outcome.final_loss, plan=plan,
-                        checkpoint_dir=outcome.checkpoint_dir, distributed_type=outcome.distributed_type,
-                        num_processes=outcome.num_processes, status=outcome.status,
-                        eval_metrics=outcome.eval_metrics, state_dict=outcome.state_dict, task=task,
-                        message=outcome.message)
+    _last = TrainResult.from_outcome(outcome, plan, task)
     return _last
 
 
@@ -111,7 +116,8 @@ def smaller_micro_batch(plan: Plan, rank: int | None, resume: str | None) -> Pla
     if micro == 1:
         raise TrainingError(
             f"out of memory{where} at micro-batch 1; nothing left to split. Fix: --grad-ckpt, "
-            "--zero 3 --offload cpu, more processes, a smaller model or shorter inputs", worker_error="OutOfMemoryError")
+            "--zero 3 --offload cpu, more processes, a smaller model or shorter inputs",
+            worker_error="OutOfMemoryError")
     factor = next(f for f in range(2, micro + 1) if micro % f == 0)
     cfg = replace(plan.config, batch_size=micro // factor, grad_accum=plan.grad_accum * factor, target_batch=None,
                   resume=resume or plan.config.resume)
@@ -123,7 +129,7 @@ def smaller_micro_batch(plan: Plan, rank: int | None, resume: str | None) -> Pla
 
 
 def _checkpoints(plan: Plan) -> set[str]:
-    from nexa_nb.engine import complete_checkpoints
+    from nexa_nb.engine.checkpoints import complete_checkpoints
 
     return {str(p) for p in complete_checkpoints(plan.config.ckpt_dir)} if plan.config.ckpt_dir else set()
 
@@ -144,7 +150,7 @@ def prepare(task: Task, cfg: TrainConfig) -> Plan:
 
 
 def _param_counts(task: Task) -> tuple[int | None, int | None]:
-    import torch.nn as nn
+    from torch import nn
 
     if isinstance(task.model, nn.Module):
         from nexa_nb.memory import count_params
@@ -158,24 +164,20 @@ def _param_counts(task: Task) -> tuple[int | None, int | None]:
 
 def preflight(task: Task, plan: Plan) -> None:
     """Catch bad data and models in the kernel, before any worker exists."""
+    from torch import nn
+
+    from nexa_nb.engine.runtime import steps_per_epoch
+
     data = task.train_data
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TrainingError(f"train_data must be a map-style dataset (with __len__ and __getitem__), "
                             f"got {type(data).__name__}; wrap an iterable in a list or a torch Dataset")
-    n = len(data)
-    if n == 0:
+    if len(data) == 0:
         raise TrainingError("train_data is empty; give the task at least one batch of samples")
-    per_step = plan.micro_batch * plan.procs * plan.grad_accum
-    if n < per_step:
-        raise TrainingError(
-            f"one optimizer step needs {per_step} samples (micro-batch {plan.micro_batch} x accumulation "
-            f"{plan.grad_accum} x {plan.procs} procs) but train_data has {n}; lower --batch-size, "
-            "--grad-accum or --procs")
+    steps_per_epoch(len(data), plan)
     batch = _first_batch(task, plan.micro_batch)
     if task.eval_data is not None and not (hasattr(task.eval_data, "__len__") and len(task.eval_data) > 0):
         raise TrainingError("eval_data is empty or has no length; pass a non-empty dataset or None")
-    import torch.nn as nn
-
     if isinstance(task.model, nn.Module):
         _check_forward(task, batch)
     if plan.config.resume:
@@ -203,7 +205,7 @@ def _first_batch(task: Task, size: int):
     def ok(x) -> bool:
         if isinstance(x, torch.Tensor):
             return True
-        if isinstance(x, dict):
+        if isinstance(x, Mapping):
             return len(x) > 0 and all(ok(v) for v in x.values())
         if isinstance(x, (list, tuple)):
             return len(x) > 0 and all(ok(v) for v in x)
@@ -220,7 +222,7 @@ def _check_forward(task: Task, batch) -> None:
     """One no-grad forward of the first batch: catches wrong inputs and a missing loss up front."""
     import torch
 
-    from nexa_nb.engine import default_forward, extract_loss
+    from nexa_nb.engine.batches import default_forward, extract_loss
 
     model = task.model
     was_training = model.training
@@ -241,9 +243,9 @@ def _check_forward(task: Task, batch) -> None:
 
 
 def _check_resume(plan: Plan) -> None:
-    from nexa_nb.engine import _check_resumable, _resume_path, read_checkpoint_state
+    from nexa_nb.engine.checkpoints import check_resumable, read_checkpoint_state, resume_path
 
-    _check_resumable(read_checkpoint_state(_resume_path(plan.config)), plan)
+    check_resumable(read_checkpoint_state(resume_path(plan.config)), plan)
 
 
-__all__ = ["train", "last_result", "TrainResult", "TrainingError", "ConfigError", "prepare"]
+__all__ = ["ConfigError", "TrainResult", "TrainingError", "last_result", "prepare", "train"]

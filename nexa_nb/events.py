@@ -9,7 +9,7 @@ into any sink in a unit test.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -100,16 +100,56 @@ class RunEnded:
 Event = RunStarted | MicroStep | StepEnd | EvalEnd | CheckpointSaved | Note | RunEnded
 
 
-class Sink(Protocol):
-    """Anything that turns events into output. Sinks observe; they never steer training."""
+HOOKS = {  # event class -> the `Sink` method that takes it: the one place events are told apart
+    RunStarted: "on_run_started",
+    MicroStep: "on_micro_step",
+    StepEnd: "on_step_end",
+    EvalEnd: "on_eval_end",
+    CheckpointSaved: "on_checkpoint_saved",
+    Note: "on_note",
+    RunEnded: "on_run_ended",
+}
 
-    def handle(self, event: Event) -> None: ...
 
-    def close(self) -> None: ...
+class Sink:
+    """Anything that turns events into output. Sinks observe; they never steer training.
+
+    Callers use only `handle(event)` and `close()`. `handle` calls the hook for the event's
+    type (`HOOKS`); a subclass overrides the hooks it needs, the others do nothing.
+    """
+
+    def handle(self, event: Event) -> None:
+        hook = HOOKS.get(type(event))
+        if hook is not None:
+            getattr(self, hook)(event)
+
+    def on_run_started(self, event: RunStarted) -> None:
+        pass
+
+    def on_micro_step(self, event: MicroStep) -> None:
+        pass
+
+    def on_step_end(self, event: StepEnd) -> None:
+        pass
+
+    def on_eval_end(self, event: EvalEnd) -> None:
+        pass
+
+    def on_checkpoint_saved(self, event: CheckpointSaved) -> None:
+        pass
+
+    def on_note(self, event: Note) -> None:
+        pass
+
+    def on_run_ended(self, event: RunEnded) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
-class RecordingSink:
+class RecordingSink(Sink):
     """Keeps every event; useful for tests and for replaying a run into another sink."""
 
     events: list = field(default_factory=list)
@@ -117,10 +157,8 @@ class RecordingSink:
     def handle(self, event: Event) -> None:
         self.events.append(event)
 
-    def close(self) -> None:
-        pass
-
 
 def fan_out(sinks, event: Event) -> None:
+    """Hand `event` to every sink, in order."""
     for sink in sinks:
         sink.handle(event)

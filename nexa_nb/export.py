@@ -186,7 +186,7 @@ def _reference(field_name: str, value: Any) -> tuple[str, str] | None:
     Data is imported only when it is a module's global; a model instance always goes by
     value, since its current weights are part of the task.
     """
-    import torch.nn as nn
+    from torch import nn
 
     if field_name in ("train_data", "eval_data"):
         return _global_reference(value)
@@ -443,7 +443,8 @@ def export_script(task: Task, config: TrainConfig, script_path: str | os.PathLik
     if not task_var.isidentifier():
         raise TrainingError(f"task_var must be a Python name, got {task_var!r}")
     script = Path(script_path)
-    yaml_path = Path(accelerate_config_path) if accelerate_config_path is not None else script.with_suffix(".accelerate.yaml")
+    yaml_path = (Path(accelerate_config_path) if accelerate_config_path is not None
+                 else script.with_suffix(".accelerate.yaml"))
     pkl_path = script.with_suffix(".task.pkl")
     if script.stem in {name.split(".")[0] for name in sys.modules}:
         raise TrainingError(f"cannot export the task: a script named {script.name} would be imported instead of "
@@ -496,20 +497,21 @@ def _explain(task_var: str, config: TrainConfig, plan: Plan, script: Path, yaml_
         lines.append(f"  Loading it imports {', '.join(modules)}: these must be importable where the script runs "
                      "(installed, or on PYTHONPATH), at the versions used here.")
     if task_file:
-        lines.append(f"  {task_file.name} is written by torch.save with cloudpickle: it holds code as well as data, so "
-                     "load it only from a trusted source, with the same versions of Python, torch, nexa_nb and cloudpickle.")
+        lines.append(f"  {task_file.name} is written by torch.save with cloudpickle: it holds code as well as data, "
+                     "so load it only from a trusted source, with the same versions of Python, torch, nexa_nb and "
+                     "cloudpickle.")
     # A one-process config says NO, which accelerate launch starts as a single process anywhere.
     multi = " --multi_gpu" if _launch_type(plan, 2 * config.procs) != _launch_type(plan, config.procs) else ""
     lines += [
         f"Run on this machine: {command}",
         "  (the script's --history-out FILE keeps the losses as JSON).",
         "On 2 machines, each with the script, its files and the same packages, run on machine R = 0 and R = 1:",
-        f"  accelerate launch --config_file {shlex.quote(str(yaml_path))}{multi} --num_machines 2 "
-        f"--num_processes {2 * config.procs} --machine_rank R --main_process_ip IP --main_process_port P "
-        f"{shlex.quote(str(script))}",
+        (f"  accelerate launch --config_file {shlex.quote(str(yaml_path))}{multi} --num_machines 2 "
+         f"--num_processes {2 * config.procs} --machine_rank R --main_process_ip IP --main_process_port P "
+         f"{shlex.quote(str(script))}"),
         "  with IP and P the address and a free port of machine 0; --num_processes counts all machines' processes.",
-        "The script plans for the processes it is launched with: the effective batch grows with their number "
-        "unless target_batch is set.",
+        ("The script plans for the processes it is launched with: the effective batch grows with their number "
+         "unless target_batch is set."),
         "No environment variable is written into these files: set tracker tokens and the like on each machine.",
     ]
     return "\n".join(lines)

@@ -31,9 +31,9 @@ What upstream gets wrong on this path, and what this module does about it:
 from __future__ import annotations
 
 import gc
+import logging
 import multiprocessing
 import os
-import logging
 import pickle
 import shutil
 import signal
@@ -44,11 +44,13 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Iterable
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from nexa_nb import events as ev
+from nexa_nb.engine.outcome import end_stream
 from nexa_nb.errors import TrainingError
 from nexa_nb.hardware import cuda_initialised_in_this_process
 from nexa_nb.plan import Plan
@@ -182,7 +184,7 @@ ALL_FORKED_TIMEOUT_S = 120
 
 def _worker(plan: Plan, task: Task, queue, log_dir: str, all_forked) -> None:
     """Entry point of every rank. Never lets an exception leave without reporting it."""
-    from nexa_nb import engine
+    from nexa_nb.engine.loop import run
 
     rank = int(os.environ.get("RANK", "0"))
     native_output_to(os.path.join(log_dir, f"rank{rank}.log"))
@@ -200,7 +202,7 @@ def _worker(plan: Plan, task: Task, queue, log_dir: str, all_forked) -> None:
         # DeepSpeed calls torch.distributed functions that torch has deprecated; the warning
         # (once per rank, with a file path) is for DeepSpeed's authors, not for the user.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-        outcome = engine.run(plan, task, emit)
+        outcome = run(plan, task, emit)
         emit.flush()
         if rank == 0:
             queue.put(WorkerDone(pickle.dumps(outcome)))
@@ -311,6 +313,15 @@ class _Drain:
             except Exception:  # a display problem must never stop training
                 pass
 
+    def end(self, status: str, message: str, checkpoint_dir: str | None = None) -> None:
+        """End the sinks' stream for rank 0, when the run was interrupted or failed before it could."""
+        if not self.ended:
+            end_stream(self._to_sinks, status, self.last_step, message=message, checkpoint_dir=checkpoint_dir)
+
+    def _to_sinks(self, event) -> None:
+        for sink in self.sinks:
+            sink.handle(event)
+
     def __enter__(self):
         self.thread.start()
         return self
@@ -321,7 +332,7 @@ class _Drain:
 
 
 def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
-    """Run `task` under `plan` in ``plan.procs`` processes; return rank 0's `engine.Outcome`.
+    """Run `task` under `plan` in ``plan.procs`` processes; return rank 0's `engine.outcome.Outcome`.
 
     A kernel interrupt returns an outcome with status "interrupted"; a worker failure
     raises `TrainingError` naming the rank.
@@ -342,7 +353,6 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
     port = free_port()
     log_dir = tempfile.mkdtemp(prefix="nexa_nb-workers-")
     args = (plan, task, queue, log_dir, fork.Barrier(plan.procs))
-    sinks = list(sinks)
     interrupted = False
     launch_error: BaseException | None = None
     with _Drain(queue, sinks) as drain:
@@ -364,9 +374,9 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
         finally:
             gc.unfreeze()
     if interrupted:
-        outcome = _interrupted_outcome(plan, drain, sinks)
+        outcome = _interrupted_outcome(plan, drain)
     elif drain.failures or launch_error is not None:
-        raise _failure(plan, drain, launch_error, sinks, log_dir)
+        raise _failure(plan, drain, launch_error, log_dir)
     elif drain.outcome is None:
         lost = f" (messages lost: {'; '.join(drain.lost)})" if drain.lost else ""
         raise TrainingError(f"training ended without a result from rank 0{lost}; the workers' output: "
@@ -402,24 +412,22 @@ def _tail(path: str, lines: int = 5) -> str:
         return ""
 
 
-def _interrupted_outcome(plan: Plan, drain: _Drain, sinks) -> Any:
-    from nexa_nb.engine import Outcome, complete_checkpoints
+def _interrupted_outcome(plan: Plan, drain: _Drain) -> Any:
+    from nexa_nb.engine.checkpoints import complete_checkpoints
+    from nexa_nb.engine.outcome import Outcome
 
     if drain.outcome is not None and drain.outcome.status == "interrupted":
         return drain.outcome
     ckpts = complete_checkpoints(plan.config.ckpt_dir) if plan.config.ckpt_dir else []
+    checkpoint_dir = str(ckpts[-1]) if ckpts else None
     message = f"interrupted at step {drain.last_step}"
-    if not drain.ended:
-        end = ev.RunEnded(status="interrupted", step=drain.last_step, message=message,
-                          checkpoint_dir=str(ckpts[-1]) if ckpts else None)
-        for sink in sinks:
-            sink.handle(end)
+    drain.end("interrupted", message, checkpoint_dir)
     return Outcome(status="interrupted", history=[], final_loss=None, eval_metrics={},
-                   checkpoint_dir=str(ckpts[-1]) if ckpts else None, distributed_type=plan.distributed_type,
+                   checkpoint_dir=checkpoint_dir, distributed_type=plan.distributed_type,
                    num_processes=plan.procs, message=message, notes=list(plan.notes))
 
 
-def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, sinks, log_dir: str) -> TrainingError:
+def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, log_dir: str) -> TrainingError:
     """One error that names the cause, not its echoes.
 
     When one rank dies, its peers fail too ("Connection closed by peer", or the stop signal
@@ -452,10 +460,7 @@ def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, sink
     else:
         error = TrainingError(f"the launch failed: {type(launch_error).__name__}: {launch_error}; "
                               f"the workers' output: {_log_files(log_dir)}")
-    if not drain.ended:
-        end = ev.RunEnded(status="failed", step=drain.last_step, message=str(error))
-        for sink in sinks:
-            sink.handle(end)
+    drain.end("failed", str(error))
     return error
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+from nexa_nb.config import OFFLOAD_DEVICES
+from nexa_nb.text import format_bytes
+
 STAGES = (None, 0, 1, 2, 3)
 
 # Bytes per parameter in DeepSpeed's estimators.
@@ -262,17 +264,6 @@ def count_params(model) -> tuple[int, int]:
         sizes[id(p) if p.is_meta else p.data_ptr()] = p.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return sum(sizes.values()), largest
-
-
-def format_bytes(n: int) -> str:
-    """``1.50 GiB`` style: the largest binary unit that keeps the number at least 1."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            return f"{value:.2f} {unit}"
 
 
 def _label(row: StateMemory) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from nexa_nb.config import ConfigError, TrainConfig
 from nexa_nb.hardware import Hardware, probe
+from nexa_nb.text import precision_label, strategy_description
 
 
 @dataclass(frozen=True)
@@ -68,22 +69,12 @@ class Plan:
 
     def describe(self) -> str:
         """A few human lines: what runs, and every fallback taken."""
-        s = self.summary()
-        if self.uses_deepspeed:
-            backend = f"DeepSpeed ZeRO-{s['zero']}"
-        else:
-            backend = "FSDP" if self.config.fsdp else ("DDP" if self.procs > 1 else "single process")
-        offload = []
-        if s["offload_optimizer"] != "none":
-            offload.append(f"optimizer->{s['offload_optimizer']}")
-        if s["offload_param"] != "none":
-            offload.append(f"params->{s['offload_param']}")
+        c = self.config
+        strategy = strategy_description(c.zero, self.distributed_type, c.offload_optimizer, c.offload_param)
         lines = [
-            f"{backend}{' (offload ' + ', '.join(offload) + ')' if offload else ''}, "
-            f"{ {'no': 'fp32', 'fp16': 'fp16', 'bf16': 'bf16'}[self.precision]}, {self.procs} x {self.device.upper()} "
-            f"({self.distributed_type})",
-            f"batch: micro {self.micro_batch} x accumulation {self.grad_accum} x {self.procs} procs "
-            f"= effective {self.effective_batch}; lr {self.lr:g}",
+            f"{strategy}, {precision_label(self.precision)}, {self.procs} x {self.device.upper()} ({self.distributed_type})",
+            (f"batch: micro {self.micro_batch} x accumulation {self.grad_accum} x {self.procs} procs "
+             f"= effective {self.effective_batch}; lr {self.lr:g}"),
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -193,25 +184,31 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
     if on_cuda and c.offload_optimizer != "none" and c.zero is not None:
         notes.append("optimizer offload uses DeepSpeedCPUAdam, compiled on first use (about a minute), cached after")
 
-    memory_rows: tuple = ()
-    recommendation = None
-    if total_params:
-        from nexa_nb import memory
-
-        largest = largest_layer_params or total_params
-        devices = c.procs
-        memory_rows = tuple(memory.memory_table(total_params, largest, gpus_per_node=devices))
-        recommendation = memory.recommend(
-            total_params, largest,
-            device_bytes_available=hw.device_memory_bytes if on_cuda else hw.host_available_bytes // max(devices, 1),
-            host_bytes_available=hw.host_available_bytes, gpus_per_node=devices,
-            wanted_micro_batch=c.batch_size)
+    memory_rows, recommendation = model_state_rows(c, hw, on_cuda, total_params, largest_layer_params)
 
     return Plan(config=c, device=device, precision=precision, procs=world, micro_batch=c.batch_size,
                 grad_accum=grad_accum, effective_batch=effective, lr=lr, distributed_type=distributed_type,
                 accelerator_kwargs=accelerator_kwargs, deepspeed_config=ds_config, worker_env=worker_env,
                 notes=tuple(notes), memory=memory_rows, recommendation=recommendation,
                 total_params=total_params, largest_layer_params=largest_layer_params)
+
+
+def model_state_rows(c: TrainConfig, hw: Hardware, on_cuda: bool, total_params: int | None,
+                     largest_layer_params: int | None) -> tuple[tuple, Any]:
+    """The memory table and the recommended setup for a model of `total_params`, or nothing unknown."""
+    if not total_params:
+        return (), None
+    from nexa_nb import memory
+
+    largest = largest_layer_params or total_params
+    devices = c.procs
+    rows = tuple(memory.memory_table(total_params, largest, gpus_per_node=devices))
+    recommendation = memory.recommend(
+        total_params, largest,
+        device_bytes_available=hw.device_memory_bytes if on_cuda else hw.host_available_bytes // max(devices, 1),
+        host_bytes_available=hw.host_available_bytes, gpus_per_node=devices,
+        wanted_micro_batch=c.batch_size)
+    return rows, recommendation
 
 
 def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, world: int, on_cuda: bool) -> dict[str, Any]:

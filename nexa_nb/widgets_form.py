@@ -1,11 +1,13 @@
 """The configuration form of ``%nexa_config --widget`` (ipywidgets 8: JupyterLab 4, Notebook 7).
 
-One control per setting. Whenever one changes, `ConfigForm.refresh` resolves the settings
-the way the flags are resolved (`resolve_config`, then `make_plan`) and shows the plan, the
-model-state memory per device, the DeepSpeed JSON and the equivalent ``%nexa_train`` line.
-A combination the core refuses shows its `ConfigError` in red, the very message
-``%nexa_train`` gives for the same flags, and Train and "Apply as defaults" stay disabled
-until it is fixed. The controls only observe: every decision is the core's.
+One control per setting, made from the settings' declarations (`nexa_nb.settings`: each
+field's label, type and choices), one column per group of flags. Whenever one changes,
+`ConfigForm.refresh` resolves the settings the way the flags are resolved
+(`resolve_config`, then `make_plan`) and shows the plan, the model-state memory per device,
+the DeepSpeed JSON and the equivalent ``%nexa_train`` line. A combination the core refuses
+shows its `ConfigError` in red, the very message ``%nexa_train`` gives for the same flags,
+and Train and "Apply as defaults" stay disabled until it is fixed. The controls only
+observe: every decision is the core's.
 
 The pure part (`form_values`, `options_from_form`, `magic_line`) needs no widget. Importing
 this module imports no torch: the task's model is counted when the form first needs it.
@@ -13,7 +15,6 @@ this module imports no torch: the task's model is counted when the form first ne
 
 from __future__ import annotations
 
-import shlex
 from html import escape
 from typing import Any, Callable, Mapping
 
@@ -21,89 +22,77 @@ import ipywidgets as widgets
 from IPython.core.error import UsageError
 from IPython.display import HTML, display
 
-from nexa_nb import api, memory
-from nexa_nb.config import OFFLOAD_DEVICES, ConfigError, TrainConfig, resolve_config
+from nexa_nb import flags, memory, text
+from nexa_nb.config import ConfigError, TrainConfig, resolve_config
 from nexa_nb.errors import TrainingError
-from nexa_nb.magics import one_line, setup_flags
 from nexa_nb.plan import Plan, make_plan
-from nexa_nb.sinks.dashboard import Dashboard
+from nexa_nb.session import Session
+from nexa_nb.settings import FIELDS, Field, by_group
 
-FORM_FIELDS = ("zero", "offload_optimizer", "offload_param", "nvme_path", "precision", "batch_size",
-               "grad_accum", "target_batch", "procs", "epochs", "max_steps", "lr", "lora", "lora_r",
-               "lora_alpha", "grad_ckpt")
+FORM_FIELDS = tuple(f.name for group in by_group().values() for f in group if f.meta.label is not None)
 """The `TrainConfig` fields the form sets, in the order of ``%nexa_train``'s flags."""
 
-PRECISION_FLAGS = {"no": "--fp32", "fp16": "--fp16", "bf16": "--bf16"}
 ERROR_COLOR = "var(--jp-error-color1, #d32f2f)"
 
 
 # --- the pure part ---------------------------------------------------------------------------
 
+def _is_dropdown(f: Field) -> bool:
+    return f.meta.choices is not None and f.kind is not tuple
+
+
+def _is_text(f: Field) -> bool:
+    """Text for what a number box cannot hold: None ("none"), paths, lists of names."""
+    return not _is_dropdown(f) and (f.optional or f.kind in (str, tuple))
+
+
+def _text_of(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
 def form_values(config: TrainConfig) -> dict[str, Any]:
     """The controls' values that show `config`: the inverse of `options_from_form`."""
-    values = {name: getattr(config, name) for name in FORM_FIELDS}
-    values["zero"] = "none" if config.zero is None else str(config.zero)
-    for name in ("nvme_path", "target_batch", "max_steps"):
-        values[name] = "" if values[name] is None else str(values[name])
+    values = {}
+    for name in FORM_FIELDS:
+        f, value = FIELDS[name], getattr(config, name)
+        if _is_dropdown(f) and f.kind is int:
+            values[name] = "none" if value is None else str(value)
+        elif _is_text(f):
+            values[name] = _text_of(value)
+        else:
+            values[name] = value
     return values
 
 
 def options_from_form(values: Mapping[str, Any]) -> dict[str, Any]:
     """The `TrainConfig` options that the controls' `values` stand for, one per form field.
 
-    Empty text means None (no target batch, no step limit, no NVMe folder); text that is not
-    a whole number is passed on as typed, for the core to refuse. With a target batch,
+    Text reads as the flag reads it (empty text is None, ``a,b`` a list of names); text that
+    does not read is passed on as typed, for the core to refuse. With a target batch,
     grad_accum is left out: it is derived from the target, as with ``--target-batch`` alone.
     """
-    options = {name: values[name] for name in FORM_FIELDS}
-    options["zero"] = None if values["zero"] == "none" else int(values["zero"])
-    options["nvme_path"] = values["nvme_path"].strip() or None
-    for name in ("target_batch", "max_steps"):
-        options[name] = _whole_number(values[name])
+    options = {}
+    for name in FORM_FIELDS:
+        f, value = FIELDS[name], values[name]
+        numeric_choice = _is_dropdown(f) and f.kind is int
+        options[name] = flags.parse_text(name, value) if _is_text(f) or numeric_choice else value
     if options["target_batch"] is not None:
         del options["grad_accum"]
     return options
 
 
-def _whole_number(text: str) -> int | str | None:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
 def magic_line(options: Mapping[str, Any]) -> str:
     """The ``%nexa_train`` line for `options`: a flag for each value other than nexa_nb's default.
 
-    LoRA's rank and alpha are left out while LoRA is off, where they change nothing.
+    The LoRA settings are left out while LoRA is off, where they change nothing.
     """
-    words = ["%nexa_train"]
-    for name in FORM_FIELDS:
-        value = options.get(name, getattr(TrainConfig, name))
-        if value == getattr(TrainConfig, name) or (name in ("lora_r", "lora_alpha") and not options.get("lora")):
-            continue
-        if name == "precision":
-            words.append(PRECISION_FLAGS[value])
-        elif value is True:
-            words.append(_flag(name))
-        else:
-            words += [_flag(name), _word(value)]
-    return " ".join(words)
-
-
-def _word(value) -> str:
-    """A flag's value as typed: quoted only when it holds a space, which could not be typed otherwise."""
-    if isinstance(value, float):
-        return repr(value)
-    text = str(value)
-    return shlex.quote(text) if any(char.isspace() for char in text) else text
-
-
-def _flag(name: str) -> str:
-    return "--offload" if name == "offload_optimizer" else "--" + name.replace("_", "-")
+    lora_off = not options.get("lora")
+    return flags.magic_line({name: value for name, value in options.items()
+                             if not (lora_off and FIELDS[name].meta.group == "LoRA")})
 
 
 def memory_html(plan: Plan, counted: str) -> str:
@@ -119,7 +108,7 @@ def memory_html(plan: Plan, counted: str) -> str:
                                        gpus_per_node=c.procs)
 
     def label(setup) -> str:
-        return setup_flags(setup) or "plain Accelerate"
+        return text.setup_flags(setup.stage, setup.offload_optimizer, setup.offload_param) or "plain Accelerate"
 
     def weight(row) -> str:
         same = (row.stage, row.offload_optimizer, row.offload_param) == (c.zero, c.offload_optimizer, c.offload_param)
@@ -127,16 +116,16 @@ def memory_html(plan: Plan, counted: str) -> str:
 
     rows = "".join(
         f'<tr style="font-weight:{weight(row)}"><td>{label(row)}</td>'
-        f"<td>{memory.format_bytes(row.device_bytes)}</td><td>{memory.format_bytes(row.host_bytes)}</td></tr>"
+        f"<td>{text.format_bytes(row.device_bytes)}</td><td>{text.format_bytes(row.host_bytes)}</td></tr>"
         for row in plan.memory)
     best = plan.recommendation
-    return (f"<div><b>{memory.format_bytes(chosen.device_bytes)} per device</b>, "
-            f"{memory.format_bytes(chosen.host_bytes)} on the host for {label(chosen)} "
+    return (f"<div><b>{text.format_bytes(chosen.device_bytes)} per device</b>, "
+            f"{text.format_bytes(chosen.host_bytes)} on the host for {label(chosen)} "
             f"(parameters, gradients and optimizer state; activations not included)</div>"
             f"<div>model: {plan.total_params:,} parameters, largest layer {plan.largest_layer_params:,} "
             f"({escape(counted)})</div>"
             f"<table><tr><th>setup</th><th>per device</th><th>host</th></tr>{rows}</table>"
-            f"<div>recommended: {setup_flags(best) or 'plain Accelerate (no --zero)'}. {escape(best.reason)}</div>")
+            f"<div>recommended: {text.setup_flags(best.stage, best.offload_optimizer, best.offload_param) or 'plain Accelerate (no --zero)'}. {escape(best.reason)}</div>")
 
 
 def _pre(text: str) -> str:
@@ -144,54 +133,38 @@ def _pre(text: str) -> str:
 
 
 def _error_html(exc: BaseException) -> str:
-    return f'<div style="color:{ERROR_COLOR}">{escape(one_line(exc))}</div>'
+    return f'<div style="color:{ERROR_COLOR}">{escape(text.one_line(exc))}</div>'
 
 
 # --- the form --------------------------------------------------------------------------------
 
+def _control(f: Field) -> widgets.Widget:
+    """The control a field's declaration asks for: checkbox, dropdown, number box or text."""
+    if f.kind is bool:
+        return widgets.Checkbox(description=f.meta.label, indent=False)
+    common = dict(description=f.meta.label, style={"description_width": "10em"}, layout={"width": "20em"})
+    if _is_dropdown(f):
+        if f.kind is int:
+            choices = (("none", "0", "1", "2", "3") if f.optional else tuple(map(str, f.meta.choices)))
+        else:
+            choices = tuple((text.precision_label(c), c) if f.name == "precision" else c for c in f.meta.choices)
+        return widgets.Dropdown(options=choices, **common)
+    if _is_text(f):
+        return widgets.Text(placeholder=f.meta.placeholder, **common)
+    return (widgets.IntText if f.kind is int else widgets.FloatText)(**common)
+
+
 def _controls() -> dict[str, widgets.Widget]:
-    def labelled(kind, description: str, **kwargs):
-        return kind(description=description, style={"description_width": "10em"}, layout={"width": "20em"},
-                    **kwargs)
-
-    def checkbox(description: str):
-        return widgets.Checkbox(description=description, indent=False)
-
-    return {
-        "zero": labelled(widgets.Dropdown, "ZeRO stage", options=("none", "0", "1", "2", "3")),
-        "offload_optimizer": labelled(widgets.Dropdown, "optimizer offload", options=OFFLOAD_DEVICES),
-        "offload_param": labelled(widgets.Dropdown, "parameter offload", options=OFFLOAD_DEVICES),
-        "nvme_path": labelled(widgets.Text, "NVMe folder", placeholder="for nvme offload"),
-        "precision": labelled(widgets.Dropdown, "precision", options=(("fp32", "no"), ("fp16", "fp16"),
-                                                                      ("bf16", "bf16"))),
-        "batch_size": labelled(widgets.IntText, "micro-batch"),
-        "grad_accum": labelled(widgets.IntText, "grad accumulation"),
-        "target_batch": labelled(widgets.Text, "target batch", placeholder="none"),
-        "procs": labelled(widgets.IntText, "processes"),
-        "max_steps": labelled(widgets.Text, "max steps", placeholder="none: train the epochs"),
-        "epochs": labelled(widgets.IntText, "epochs"),
-        "lr": labelled(widgets.FloatText, "learning rate"),
-        "lora": checkbox("LoRA"),
-        "lora_r": labelled(widgets.IntText, "LoRA r"),
-        "lora_alpha": labelled(widgets.IntText, "LoRA alpha"),
-        "grad_ckpt": checkbox("gradient checkpointing"),
-    }
-
-
-GROUPS = (
-    ("DeepSpeed ZeRO", ("zero", "offload_optimizer", "offload_param", "nvme_path")),
-    ("precision and batch", ("precision", "batch_size", "grad_accum", "target_batch", "procs")),
-    ("schedule and model", ("max_steps", "epochs", "lr", "lora", "lora_r", "lora_alpha", "grad_ckpt")),
-)
+    return {name: _control(FIELDS[name]) for name in FORM_FIELDS}
 
 
 class ConfigForm:
     """The form: a control per field of `FORM_FIELDS`, and what the settings resolve to.
 
-    `defaults` holds what the settings layer over and what "Apply as defaults" replaces:
-    ``.session`` (a dict of `TrainConfig` fields) and ``.config_file``; in a notebook it is
-    the `NexaMagics`. `find_task` returns the `nexa_nb.Task` that Train runs and whose model
-    is counted, or raises UsageError saying why there is none.
+    `session` holds what the settings layer over and what "Apply as defaults" replaces:
+    its ``defaults`` (a dict of `TrainConfig` fields) and ``config_file``. `find_task`
+    returns the `nexa_nb.Task` that Train runs and whose model is counted, or raises
+    UsageError saying why there is none.
 
     The widgets are attributes: `controls` (field name -> control), the HTML views
     `error_view`, `plan_view`, `memory_view`, `deepspeed_view` and `status_view`, the
@@ -200,8 +173,8 @@ class ConfigForm:
     or None while `error` holds the ConfigError that refuses the settings.
     """
 
-    def __init__(self, defaults, find_task: Callable[[], Any], *, refresh_interval: float = 0.25):
-        self.defaults = defaults
+    def __init__(self, session: Session, find_task: Callable[[], Any], *, refresh_interval: float = 0.25):
+        self.session = session
         self.find_task = find_task
         self.refresh_interval = refresh_interval
         """Seconds between redraws of the dashboard that Train shows."""
@@ -214,7 +187,7 @@ class ConfigForm:
             self.controls[name].value = value
         self.error_view = widgets.HTML()
         self.magic_view = widgets.Text(description="copy as magic", style={"description_width": "10em"},
-                                       layout={"width": "100%"})
+                                       layout={"width": "98%"})
         self.train_button = widgets.Button(description="Train", button_style="primary", icon="play")
         self.apply_button = widgets.Button(description="Apply as defaults",
                                            tooltip="later %nexa_train runs inherit these settings")
@@ -223,10 +196,11 @@ class ConfigForm:
         self.memory_view = widgets.HTML()
         self.deepspeed_view = widgets.HTML()
         self.output = widgets.Output()
-        columns = [widgets.VBox([widgets.HTML(f"<b>{title}</b>"), *(self.controls[name] for name in names)])
-                   for title, names in GROUPS]
+        columns = [widgets.VBox([widgets.HTML(f"<b>{group}</b>"),
+                                 *(self.controls[f.name] for f in group_fields if f.name in self.controls)])
+                   for group, group_fields in by_group().items()]
         self.widget = widgets.VBox([
-            widgets.HBox(columns),
+            widgets.GridBox(columns, layout={"grid_template_columns": "repeat(auto-fill, minmax(21em, 1fr))"}),
             self.error_view,
             self.magic_view,
             widgets.HBox([self.train_button, self.apply_button, self.status_view]),
@@ -250,7 +224,7 @@ class ConfigForm:
         """What a run would use now; nexa_nb's defaults when the session defaults do not resolve
         (the form then shows why, if its settings do not override the culprit)."""
         try:
-            return resolve_config(config_file=self.defaults.config_file, session=self.defaults.session)
+            return self.session.resolve()
         except ConfigError:
             return TrainConfig()
 
@@ -266,7 +240,7 @@ class ConfigForm:
         self.magic_view.value = magic_line(options)
         self.status_view.value = ""
         try:
-            config = resolve_config(config_file=self.defaults.config_file, session=self.defaults.session,
+            config = resolve_config(config_file=self.session.config_file, session=self.session.defaults,
                                     arguments=options)
             counts, counted = self._param_counts()
             total, largest = counts or (None, None)
@@ -297,7 +271,7 @@ class ConfigForm:
         try:
             task = self.find_task()
         except UsageError as exc:
-            return None, one_line(exc)
+            return None, text.one_line(exc)
         if self._counted is None or self._counted[0] is not task:
             self._counted = task, _count(task)
         return self._counted[1]
@@ -314,38 +288,20 @@ class ConfigForm:
             return
         self.train_button.disabled = True
         self.output.clear_output()
-        try:
-            with self.output:
-                self._run()
-        finally:
-            self.refresh()
-
-    def _run(self) -> None:
-        dashboard = Dashboard(refresh_interval=self.refresh_interval)
-        shown = False
-
-        def show_dashboard(plan: Plan) -> None:
-            """Once the task and the settings passed every check, as in %nexa_train."""
-            nonlocal shown
-            display(dashboard.widget)
-            shown = True
-
         failure = None
         try:
-            api.train(self.find_task(), config=self.defaults.config_file, session=self.defaults.session,
-                      sinks=[dashboard], on_plan=show_dashboard, **self.options())
-        except (UsageError, ConfigError, TrainingError) as exc:
-            failure = exc
+            with self.output:
+                try:
+                    self.session.train_in_cell(self.find_task(), self.options(), output=self.output,
+                                               refresh_interval=self.refresh_interval, print_plan=False)
+                except (UsageError, ConfigError, TrainingError) as exc:
+                    failure = exc
+                if failure is not None:
+                    worker = getattr(failure, "worker_traceback", "")
+                    display(HTML(_error_html(failure) + (f"<details><summary>the worker's traceback</summary>"
+                                                         f"{_pre(worker)}</details>" if worker else "")))
         finally:
-            if shown:
-                # Dashboard.show would swap the live widget for the picture in place, through a
-                # display id, but an Output widget ignores display updates: clear, then finalize.
-                self.output.clear_output()
-                dashboard.finalize()
-        if failure is not None:
-            worker = getattr(failure, "worker_traceback", "")
-            display(HTML(_error_html(failure) + (f"<details><summary>the worker's traceback</summary>"
-                                                 f"{_pre(worker)}</details>" if worker else "")))
+            self.refresh()
 
     def apply(self, button=None) -> None:
         """Make the settings the session defaults, which later ``%nexa_train`` runs inherit.
@@ -355,8 +311,8 @@ class ConfigForm:
         """
         if self.plan is None:
             return
-        kept = {name: value for name, value in self.defaults.session.items() if name not in FORM_FIELDS}
-        self.defaults.session = {**kept, **self.options()}
+        kept = {name: value for name, value in self.session.defaults.items() if name not in FORM_FIELDS}
+        self.session.defaults = {**kept, **self.options()}
         self.status_view.value = "defaults set: later %nexa_train runs inherit these settings"
 
 
@@ -364,13 +320,13 @@ def _count(task) -> tuple[tuple[int, int] | None, str]:
     try:
         model = task.build_model()
     except Exception as exc:  # the user's factory: whatever it raises is only a reason to show
-        return None, f"building the task's model failed ({type(exc).__name__}: {one_line(exc)})"
+        return None, f"building the task's model failed ({type(exc).__name__}: {text.one_line(exc)})"
     counts = memory.count_params(model)
     if counts[0] == 0:
         return None, "the task's model has no parameters"
     return counts, "counted from the task's model"
 
 
-def show(magics) -> None:
-    """``%nexa_config --widget``: display the form over the session defaults of `magics`."""
-    display(ConfigForm(magics, lambda: magics.task_named(None), refresh_interval=magics.refresh_interval))
+def show(session: Session, find_task: Callable[[], Any], *, refresh_interval: float = 0.25) -> None:
+    """``%nexa_config --widget``: display the form over the defaults of `session`."""
+    display(ConfigForm(session, find_task, refresh_interval=refresh_interval))

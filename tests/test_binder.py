@@ -3,7 +3,8 @@
 A fresh virtual environment is built from exactly what Binder (repo2docker) reads:
 ``pip install -r binder/requirements.txt``, then ``binder/postBuild`` run in the repository's
 root. Then ``notebooks/00_quickstart.ipynb`` runs top to bottom in it, with that environment's
-``jupyter nbconvert --execute``.
+``jupyter nbconvert --execute``, beside a copy of ``notebooks/nexa_tutorials`` (the helpers it imports
+from its folder, which Binder's JupyterLab makes the kernel's working directory).
 
 PyTorch's CPU index, which binder/requirements.txt names, may be out of reach (it is on the
 development machines, which have the CPU wheel locally instead): pip then warns and goes on.
@@ -66,9 +67,12 @@ def test_binder_files_build_an_environment_that_runs_the_quickstart(tmp_path):
     assert Path(versions[2]).is_relative_to(ROOT), versions  # this checkout, editable
     assert Path(versions[3]).parent == bin_dir, versions
 
-    # Outside the repository, so that its checkpoint folder cannot meet another run's.
+    # Outside the repository, so that its checkpoint folder cannot meet another run's; with the
+    # tutorials' helpers beside it, as in notebooks/, where the kernel imports them from.
     notebook = tmp_path / "00_quickstart.ipynb"
     shutil.copy(ROOT / "notebooks" / "00_quickstart.ipynb", notebook)
+    shutil.copytree(ROOT / "notebooks" / "nexa_tutorials", tmp_path / "nexa_tutorials",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     run([str(bin_dir / "jupyter"), "nbconvert", "--to", "notebook", "--execute", "--inplace",
          "--ExecutePreprocessor.timeout=1200", "--ExecutePreprocessor.kernel_name=python3", str(notebook)],
         cwd=tmp_path, env=env)

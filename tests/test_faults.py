@@ -100,7 +100,8 @@ def test_a_killed_worker_fails_the_run_quickly_naming_the_rank(tmp_path, quiet):
         os.kill(_workers()[-1].pid, signal.SIGKILL)
 
     killer = _AtStep(5, kill_one)
-    with pytest.raises(TrainingError, match=r"rank [01] (killed by SIGKILL|died without reporting an error).*--resume latest"):
+    expected = r"rank [01] (killed by SIGKILL|died without reporting an error).*--resume latest"
+    with pytest.raises(TrainingError, match=expected):
         nexa_nb.train(_SlowTask.make(), sinks=[quiet, killer], procs=2, max_steps=200, ckpt_dir=str(tmp_path),
                       ckpt_every=2)
     assert time.monotonic() - killer.done_at < 30

@@ -24,7 +24,8 @@ from IPython.core.interactiveshell import InteractiveShell
 import nexa_nb
 from nexa_nb import api, launch, memory
 from nexa_nb.api import prepare
-from nexa_nb import magics as magics_module
+from nexa_nb import text
+from nexa_nb.session import Session
 from nexa_nb.config import FIELD_NAMES, resolve_config
 from nexa_nb.errors import TrainingError
 from nexa_nb.hardware import Gpu, Hardware, probe
@@ -72,11 +73,10 @@ def nexa(shell, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in CONFIG_ENV:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(magics_module, "probe", lambda: CPU_HOST)
+    monkeypatch.setattr("nexa_nb.commands.plan.probe", lambda: CPU_HOST)
+    monkeypatch.setattr("nexa_nb.commands.status.probe", lambda: CPU_HOST)
     monkeypatch.setattr("nexa_nb.plan.probe", lambda: CPU_HOST)
-    monkeypatch.setattr(magics, "session", {})
-    monkeypatch.setattr(magics, "config_file", None)
-    monkeypatch.setattr(magics, "last_error", None)
+    monkeypatch.setattr(magics, "session", Session())
     for trait, value in (("dashboard", False), ("default_task", "task"), ("refresh_interval", 0.25)):
         monkeypatch.setattr(magics, trait, value)
     names = set(shell.user_ns)
@@ -139,7 +139,7 @@ def test_loading_again_keeps_one_instance_and_its_defaults(shell, nexa):
     nexa_nb.load_ipython_extension(shell)
     assert shell.magics_manager.registry["NexaMagics"] is nexa
     assert sum(type(c).__name__ == "NexaMagics" for c in shell.configurables) == 1
-    assert nexa.session == {"zero": 2}
+    assert nexa.session.defaults == {"zero": 2}
 
 
 FLAGS = ("--zero", "--offload", "--offload-optimizer", "--offload-param", "--nvme-path", "--fp16", "--bf16",
@@ -218,7 +218,7 @@ def test_config_file_set_by_nexa_config_is_inherited(shell, nexa, core, tmp_path
     shell.run_line_magic("nexa_train", "")
     shell.run_line_magic("nexa_train", "--config other.json")
     assert [call["config"] for call in core] == ["ds.json", "other.json"]
-    assert nexa.resolved().source_of("zero") == "ds.json"
+    assert nexa.session.resolve().source_of("zero") == "ds.json"
 
 
 def test_config_default_task(shell, nexa, core):
@@ -247,7 +247,7 @@ def test_session_defaults_are_inherited_and_flags_win(shell, nexa, core, capsys)
     assert "batch: micro 4 x accumulation 2 x 1 procs = effective 8" in out
     assert "batch: micro 4 x accumulation 1 x 1 procs = effective 4" in out
     shell.run_line_magic("nexa_config", "--reset")
-    assert nexa.session == {}
+    assert nexa.session.defaults == {}
 
 
 def test_dashboard_is_finalized_when_a_worker_fails(shell, nexa, monkeypatch, capsys):
@@ -345,7 +345,7 @@ def test_bad_config_flags_leave_the_defaults_alone(shell, nexa, line):
     shell.run_line_magic("nexa_config", "--zero 2")
     message = usage_error(shell, "nexa_config", line)
     assert "\n" not in message and "Fix" in message
-    assert nexa.session == {"zero": 2} and nexa.config_file is None
+    assert nexa.session.defaults == {"zero": 2} and nexa.session.config_file is None
 
 
 # --- %nexa_config -----------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def test_bad_config_flags_leave_the_defaults_alone(shell, nexa, line):
 ])
 def test_config_flags_resolve_to_the_plan(shell, nexa, line, fields, ds_zero):
     shell.run_line_magic("nexa_config", line)
-    cfg = nexa.resolved()
+    cfg = nexa.session.resolve()
     assert {name: getattr(cfg, name) for name in fields} == fields
     assert all(cfg.source_of(name) == "session" for name in fields if name != "offload_param")
     plan = nexa_nb.make_plan(cfg)
@@ -492,7 +492,7 @@ def test_plan_for_given_parameters_and_gpus(shell, nexa, capsys):
     assert rows == [[label, *sizes] for label, sizes in zip(labels, expected)]
     best = memory.recommend(7 * 10**9, 7 * 10**9, device_bytes_available=80 * GiB, host_bytes_available=12 * GiB,
                             gpus_per_node=8, wanted_micro_batch=8)
-    assert out[11] == f"recommended: {magics_module.setup_flags(best) or 'plain Accelerate (no --zero)'}"
+    assert out[11] == f"recommended: {text.setup_flags(best.stage, best.offload_optimizer, best.offload_param) or 'plain Accelerate (no --zero)'}"
     assert out[12] == f"reason: {best.reason}"
 
 
@@ -513,7 +513,8 @@ def test_plan_counts_the_task_model_built_once_on_cpu(shell, nexa, capsys):
 
 
 def test_plan_uses_the_gpus_found(shell, nexa, monkeypatch, capsys):
-    monkeypatch.setattr(magics_module, "probe", lambda: GPU_HOST)
+    monkeypatch.setattr("nexa_nb.commands.plan.probe", lambda: GPU_HOST)
+    monkeypatch.setattr("nexa_nb.commands.status.probe", lambda: GPU_HOST)
     out = plan_output(shell, capsys, "--params 1B")
     assert out[1] == "devices: 2 (NVIDIA H100, 80.00 GiB each); host: 200.00 GiB available"
     assert out[-2] == "recommended: plain Accelerate (no --zero)"
@@ -535,7 +536,7 @@ def test_plan_bad_input(shell, nexa, line, problem):
 
 def test_status(shell, nexa, monkeypatch, capsys):
     shell.run_line_magic("nexa_config", "--zero 2 --procs 2 --grad-accum 2")
-    plan = nexa_nb.make_plan(nexa.resolved())
+    plan = nexa_nb.make_plan(nexa.session.resolve())
     result = api.TrainResult(history=[{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5}], final_loss=0.5,
                              plan=plan, checkpoint_dir=None, distributed_type="DEEPSPEED", num_processes=2)
     monkeypatch.setattr(api, "_last", result)

@@ -9,11 +9,13 @@ import sys
 import pytest
 import torch
 from deepspeed.runtime.zero import stage3
-from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
-                                                  estimate_zero2_model_states_mem_needs_all_cold)
+from deepspeed.runtime.zero.stage_1_and_2 import (
+    estimate_zero2_model_states_mem_needs,
+    estimate_zero2_model_states_mem_needs_all_cold,
+)
 
-from nexa_nb.memory import (Recommendation, StateMemory, count_params, format_bytes, memory_table,
-                            model_state_memory, recommend)
+from nexa_nb.memory import Recommendation, StateMemory, count_params, memory_table, model_state_memory, recommend
+from nexa_nb.text import format_bytes
 
 GIB = 2**30
 SIZES = [(10_000_000, 1_000_000), (350_000_000, 50_000_000), (7_000_000_000, 500_000_000)]
@@ -200,7 +202,7 @@ def test_micro_batch_shrinks_with_memory():
 
 
 def test_micro_batch_keeps_a_wanted_size_that_fits():
-    kwargs = dict(device_bytes_available=80 * GIB, host_bytes_available=64 * GIB, activation_bytes_per_sample=GIB)
+    kwargs = {"device_bytes_available": 80 * GIB, "host_bytes_available": 64 * GIB, "activation_bytes_per_sample": GIB}
     assert recommend(100_000_000, 10_000_000, wanted_micro_batch=12, **kwargs).micro_batch == 12
     assert recommend(100_000_000, 10_000_000, wanted_micro_batch=100, **kwargs).micro_batch == 64
 
@@ -230,13 +232,13 @@ def test_short_host_memory_points_to_nvme():
 # --- bad input --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,fix", [
-    (dict(total_params=-1, largest_layer_params=0, stage=2), "count_params"),
-    (dict(total_params=10, largest_layer_params=20, stage=2), "count_params"),
-    (dict(total_params=10, largest_layer_params=1, stage=5), "stage=None"),
-    (dict(total_params=10, largest_layer_params=1, stage=2, offload_optimizer="disk"), "none, cpu, nvme"),
-    (dict(total_params=10, largest_layer_params=1, stage=2, offload_param="cpu"), "pass stage=3"),
-    (dict(total_params=10, largest_layer_params=1, stage=None, offload_optimizer="cpu"), "pass stage=2"),
-    (dict(total_params=10, largest_layer_params=1, stage=2, gpus_per_node=0), "pass 1"),
+    ({"total_params": -1, "largest_layer_params": 0, "stage": 2}, "count_params"),
+    ({"total_params": 10, "largest_layer_params": 20, "stage": 2}, "count_params"),
+    ({"total_params": 10, "largest_layer_params": 1, "stage": 5}, "stage=None"),
+    ({"total_params": 10, "largest_layer_params": 1, "stage": 2, "offload_optimizer": "disk"}, "none, cpu, nvme"),
+    ({"total_params": 10, "largest_layer_params": 1, "stage": 2, "offload_param": "cpu"}, "pass stage=3"),
+    ({"total_params": 10, "largest_layer_params": 1, "stage": None, "offload_optimizer": "cpu"}, "pass stage=2"),
+    ({"total_params": 10, "largest_layer_params": 1, "stage": 2, "gpus_per_node": 0}, "pass 1"),
 ])
 def test_bad_setup_names_the_fix(kwargs, fix):
     with pytest.raises(ValueError, match=re.escape(fix)):
@@ -244,9 +246,9 @@ def test_bad_setup_names_the_fix(kwargs, fix):
 
 
 @pytest.mark.parametrize("kwargs,fix", [
-    (dict(device_bytes_available=0, host_bytes_available=GIB), "memory of one training device"),
-    (dict(device_bytes_available=GIB, host_bytes_available=GIB, headroom=1.5), "pass 0.9"),
-    (dict(device_bytes_available=GIB, host_bytes_available=GIB, activation_bytes_per_sample=-1), "None"),
+    ({"device_bytes_available": 0, "host_bytes_available": GIB}, "memory of one training device"),
+    ({"device_bytes_available": GIB, "host_bytes_available": GIB, "headroom": 1.5}, "pass 0.9"),
+    ({"device_bytes_available": GIB, "host_bytes_available": GIB, "activation_bytes_per_sample": -1}, "None"),
 ])
 def test_bad_recommend_input_names_the_fix(kwargs, fix):
     with pytest.raises(ValueError, match=re.escape(fix)):
@@ -254,13 +256,6 @@ def test_bad_recommend_input_names_the_fix(kwargs, fix):
 
 
 # --- small things -----------------------------------------------------------------------------
-
-def test_format_bytes():
-    assert format_bytes(512) == "512 B"
-    assert format_bytes(3 * GIB // 2) == "1.50 GiB"
-    assert format_bytes(5 * 2**20) == "5.00 MiB"
-    assert format_bytes(3 * 2**40) == "3.00 TiB"
-
 
 def test_import_loads_neither_torch_nor_deepspeed():
     code = "import sys, nexa_nb.memory; print('torch' in sys.modules, 'deepspeed' in sys.modules)"

@@ -228,6 +228,18 @@ def test_fsdp_with_force_cpu_on_a_gpu_host_is_an_error():
         plan(GPU, fsdp=True, force_cpu=True)
 
 
+@pytest.mark.parametrize("hardware, arguments, first_line", [
+    (GPU, {"zero": 3, "offload_optimizer": "cpu", "offload_param": "cpu", "procs": 2, "precision": "bf16"},
+     "DeepSpeed ZeRO-3 (offload optimizer->cpu, params->cpu), bf16, 2 x CUDA (DEEPSPEED)"),
+    (GPU, {"fsdp": True, "procs": 2, "precision": "fp16"}, "FSDP, fp16, 2 x CUDA (FSDP)"),
+    (CPU, {"procs": 2, "precision": "no"}, "DDP, fp32, 2 x CPU (MULTI_CPU)"),
+    (CPU, {"procs": 1, "precision": "bf16"}, "single process, bf16, 1 x CPU (NO)"),
+    (CPU, {"zero": 2, "procs": 2, "precision": "no"}, "DeepSpeed ZeRO-2, fp32, 2 x CPU (DEEPSPEED)"),
+])
+def test_describe_names_strategy_precision_and_processes(hardware, arguments, first_line):
+    assert plan(hardware, **arguments).describe().splitlines()[0] == first_line
+
+
 # --- memory -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("hardware", [CPU, GPU], ids=["cpu", "gpu"])

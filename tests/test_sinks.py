@@ -292,7 +292,7 @@ def test_finalize_without_show_displays_both_outputs(shell):
 def test_record_and_summary_without_a_dashboard():
     record = RunRecord()
     for event in run_events():
-        record.add(event)
+        record.handle(event)
     assert status_text(record) == "completed 20 steps"
     assert summary_text(record) == SUMMARY
     assert run_svg(record).count("<polyline") == 2 + 1 + 2  # loss per rank, eval, lr and grad norm
@@ -319,11 +319,11 @@ def test_sinks_do_not_import_torch():
 
 
 def test_every_lets_one_call_through_per_interval(monkeypatch):
-    from nexa_nb import engine
+    from nexa_nb.engine import reporter
 
     now = [100.0]
-    monkeypatch.setattr(engine.time, "monotonic", lambda: now[0])
-    due = engine.Every(0.5)
+    monkeypatch.setattr(reporter.time, "monotonic", lambda: now[0])
+    due = reporter.Every(0.5)
     seen = []
     for _ in range(10):
         seen.append(due())

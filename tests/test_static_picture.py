@@ -15,9 +15,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from browser.lab import training_notebook, write_kernelspec
+from nbclient import NotebookClient
 
 pytestmark = pytest.mark.slow
 

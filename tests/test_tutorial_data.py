@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from nexa_nb.tutorials import embedding_data, minilm, ner_data
-from nexa_nb.tutorials.embedding_data import make_pairs, retrieval_accuracy_at_1
-from nexa_nb.tutorials.ner_data import make_ner_corpus
-from nexa_nb.tutorials.yolo_data import make_detection_set, render_scene
+from nexa_tutorials import embedding_data, minilm, ner_data
+from nexa_tutorials.embedding_data import make_pairs, retrieval_accuracy_at_1
+from nexa_tutorials.ner_data import make_ner_corpus
+from nexa_tutorials.yolo_data import make_detection_set, render_scene
 
 
 @pytest.fixture(scope="module")

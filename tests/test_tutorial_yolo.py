@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from nexa_nb.tutorials import yolo
+from nexa_tutorials import yolo
 
 pytestmark = pytest.mark.skipif(
     not yolo.ultralytics_available(),

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import ipywidgets as widgets
 import pytest
@@ -21,7 +20,8 @@ import nexa_nb
 from nexa_nb import api, widgets_form
 from nexa_nb.config import TrainConfig, resolve_config
 from nexa_nb.hardware import Hardware
-from nexa_nb.magics import options_of, parse
+from nexa_nb.flags import options_of, parse
+from nexa_nb.session import Session
 from nexa_nb.memory import format_bytes, model_state_memory
 from nexa_nb.plan import make_plan
 from nexa_nb.widgets_form import ConfigForm, form_values, magic_line, options_from_form
@@ -58,8 +58,7 @@ def shell():
 def magics(shell, monkeypatch):
     """The shell's NexaMagics without defaults and without a task."""
     magics = shell.magics_manager.registry["NexaMagics"]
-    monkeypatch.setattr(magics, "session", {})
-    monkeypatch.setattr(magics, "config_file", None)
+    monkeypatch.setattr(magics, "session", Session())
     monkeypatch.setattr(magics, "default_task", "task_for_the_form")
     monkeypatch.setattr(magics, "dashboard", False)
     return magics
@@ -68,7 +67,7 @@ def magics(shell, monkeypatch):
 @pytest.fixture
 def form() -> ConfigForm:
     task = tiny_task()
-    return ConfigForm(SimpleNamespace(session={}, config_file=None), lambda: task)
+    return ConfigForm(Session(), lambda: task)
 
 
 def set_controls(form: ConfigForm, **values) -> None:
@@ -105,7 +104,9 @@ def test_options_and_magic_line_spell_the_flags_of_nexa_train(magics):
                     "--batch-size 4 --grad-accum 2 --procs 2 --epochs 3 --max-steps 50 --lr 0.0003 --lora "
                     "--lora-r 4 --lora-alpha 8 --grad-ckpt")
     typed = options_of(parse(magics.nexa_train, line.removeprefix("%nexa_train ")))
-    assert typed == {name: value for name, value in options.items() if value is not None}  # the form's settings
+    defaults = TrainConfig()
+    assert typed == {name: value for name, value in options.items()  # the form's settings other than defaults
+                     if value is not None and value != getattr(defaults, name)}
 
 
 def test_empty_text_is_none_and_a_target_batch_leaves_the_accumulation_to_the_core():
@@ -124,7 +125,7 @@ def test_empty_text_is_none_and_a_target_batch_leaves_the_accumulation_to_the_co
 # --- what the form shows -----------------------------------------------------------------------
 
 def test_starts_from_the_session_defaults():
-    defaults = SimpleNamespace(session={"zero": 2, "precision": "bf16", "grad_accum": 4}, config_file=None)
+    defaults = Session(defaults={"zero": 2, "precision": "bf16", "grad_accum": 4})
     form = ConfigForm(defaults, tiny_task)
     assert form.controls["zero"].value == "2" and form.controls["precision"].value == "bf16"
     assert form.controls["grad_accum"].value == 4
@@ -164,7 +165,7 @@ def test_the_magic_line_cannot_be_edited(form):
 
 
 def test_memory_is_unknown_without_a_task(magics):
-    form = ConfigForm(magics, lambda: magics.task_named(None))
+    form = ConfigForm(magics.session, lambda: magics.task_named(None))
     assert text(form.memory_view).startswith("unknown: there is no variable 'task_for_the_form' in this notebook")
     assert not form.train_button.disabled  # the task may be defined before Train is clicked
 
@@ -191,12 +192,12 @@ def test_impossible_combinations_give_the_flags_message_and_disable_train(form, 
 # --- the buttons -------------------------------------------------------------------------------
 
 def test_apply_as_defaults_sets_the_session_that_later_runs_resolve():
-    defaults = SimpleNamespace(session={"seed": 7, "grad_accum": 4}, config_file=None)
+    defaults = Session(defaults={"seed": 7, "grad_accum": 4})
     form = ConfigForm(defaults, tiny_task)
     set_controls(form, zero="2", offload_optimizer="cpu", target_batch="16")
     form.apply_button.click()
-    assert defaults.session["seed"] == 7 and "grad_accum" not in defaults.session  # the target derives it
-    cfg = resolve_config(session=defaults.session)
+    assert defaults.defaults["seed"] == 7 and "grad_accum" not in defaults.defaults  # the target derives it
+    cfg = resolve_config(session=defaults.defaults)
     assert (cfg.zero, cfg.offload_optimizer, cfg.target_batch) == (2, "cpu", 16)
     assert cfg.source_of("zero") == "session"
     assert make_plan(cfg).grad_accum == 2
@@ -206,7 +207,7 @@ def test_apply_as_defaults_sets_the_session_that_later_runs_resolve():
 def test_config_widget_opens_the_form_over_the_magics_defaults(shell, magics, monkeypatch):
     shown = []
     monkeypatch.setattr(widgets_form, "display", shown.append)
-    magics.session = {"precision": "bf16"}
+    magics.session.defaults = {"precision": "bf16"}
     shell.run_line_magic("nexa_config", "--widget")
     (form,) = shown
     assert form.controls["precision"].value == "bf16"
@@ -224,7 +225,7 @@ def test_config_widget_opens_the_form_over_the_magics_defaults(shell, magics, mo
 @pytest.mark.slow
 def test_train_button_trains_the_task_under_the_form(form, monkeypatch):
     shown = []
-    monkeypatch.setattr(widgets_form, "display", lambda obj: (shown.append(obj), display(obj)))
+    monkeypatch.setattr("nexa_nb.session.display", lambda obj: (shown.append(obj), display(obj)))
     before = api.last_result()
     set_controls(form, max_steps="3", procs=1)
     with capture_output() as captured:

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import sys
 
-from nexa_nb.events import CheckpointSaved, EvalEnd, Note, RunEnded, RunStarted, StepEnd
-from nexa_nb.sinks.render import end_message, fmt_metrics, plan_parts
+from nexa_nb.events import CheckpointSaved, EvalEnd, Note, RunEnded, RunStarted, Sink, StepEnd
+from nexa_nb.sinks.render import RunRecord, end_message, fmt_metrics, plan_parts, reported_loss, run_speed
+from nexa_nb.text import GIB
 
 LINES_PER_RUN = 10  # default `every`: enough to see the trend, short enough for a CI log
 
 
-class ConsoleSink:
+class ConsoleSink(Sink):
     """Writes one line per event worth reading; rank 0's steps every `every` steps.
 
     A step line is written for the first step of the run, every `every`-th step and the
-    last step. `every=None` picks about ten lines per run.
+    last step. `every=None` picks about ten lines per run. What a line needs besides its
+    event (processes, memory of every rank) comes from `record`, the `RunRecord` the
+    dashboard draws from too.
     """
 
     def __init__(self, stream=None, every: int | None = None, show_speed: bool = True, show_memory: bool = True):
@@ -33,72 +36,71 @@ class ConsoleSink:
         self.every = every
         self.show_speed = show_speed
         self.show_memory = show_memory
-        self._total = 0
-        self._procs = 1
-        self._first_step = 1
-        self._every = every or 1
-        self._memory: dict = {}  # rank -> last MemorySample seen
+        self.record = RunRecord()
 
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
 
     def handle(self, event) -> None:
-        if isinstance(event, RunStarted):
-            self._total = event.total_steps
-            self._procs = event.num_processes
-            self._first_step = event.start_step + 1
-            self._every = self.every or max(1, event.total_steps // LINES_PER_RUN)
-            parts = [*plan_parts(event.plan_summary), f"{event.total_steps} steps"]
-            if event.start_step:
-                parts.append(f"resuming at step {event.start_step}")
-            self._write("nexa: " + " | ".join(parts))
-            for message in event.notes:
-                self._write(f"note: {message}")
-        elif isinstance(event, StepEnd):
-            self._memory[event.rank] = event.memory
-            step = event.step
-            if event.rank == 0 and (
-                step == self._first_step or step % self._every == 0 or step == self._total
-            ):
-                self._write(self._step_line(event))
-        elif isinstance(event, EvalEnd):
-            self._write(f"eval step {event.step} | {fmt_metrics(event.metrics, ' | ')}")
-        elif isinstance(event, CheckpointSaved):
-            self._write(f"checkpoint step {event.step} -> {event.path}")
-        elif isinstance(event, Note):
-            where = f" (rank {event.rank})" if event.rank else ""
-            self._write(f"note{where}: {event.message}")
-        elif isinstance(event, RunEnded):
-            loss = "n/a" if event.final_loss is None else f"{event.final_loss:.4f}"
-            line = f"{event.status} at step {event.step}, final loss {loss}"
-            message = end_message(event)
-            if message:
-                line += f": {message}"
-            if event.checkpoint_dir:
-                line += f" (checkpoint: {event.checkpoint_dir})"
-            self._write(line)
+        self.record.handle(event)  # first, so a line shows the state after its event
+        super().handle(event)
+
+    def on_run_started(self, event: RunStarted) -> None:
+        parts = [*plan_parts(event.plan_summary), f"{event.total_steps} steps"]
+        if event.start_step:
+            parts.append(f"resuming at step {event.start_step}")
+        self._write("nexa: " + " | ".join(parts))
+        for message in event.notes:
+            self._write(f"note: {message}")
+
+    def on_step_end(self, event: StepEnd) -> None:
+        record = self.record
+        every = self.every or max(1, record.total_steps // LINES_PER_RUN)
+        step = event.step
+        if event.rank == 0 and (step == record.start_step + 1 or step % every == 0 or step == record.total_steps):
+            self._write(self._step_line(event))
+
+    def on_eval_end(self, event: EvalEnd) -> None:
+        self._write(f"eval step {event.step} | {fmt_metrics(event.metrics, ' | ')}")
+
+    def on_checkpoint_saved(self, event: CheckpointSaved) -> None:
+        self._write(f"checkpoint step {event.step} -> {event.path}")
+
+    def on_note(self, event: Note) -> None:
+        where = f" (rank {event.rank})" if event.rank else ""
+        self._write(f"note{where}: {event.message}")
+
+    def on_run_ended(self, event: RunEnded) -> None:
+        loss = "n/a" if event.final_loss is None else f"{event.final_loss:.4f}"
+        line = f"{event.status} at step {event.step}, final loss {loss}"
+        message = end_message(event)
+        if message:
+            line += f": {message}"
+        if event.checkpoint_dir:
+            line += f" (checkpoint: {event.checkpoint_dir})"
+        self._write(line)
 
     def _step_line(self, event: StepEnd) -> str:
-        loss = event.loss if event.mean_loss is None else event.mean_loss
-        parts = [f"step {event.step}/{event.total_steps}", f"loss {loss:.4f}", f"lr {event.lr:.2e}"]
+        """Rank 0's step, written right after the record took it."""
+        parts = [f"step {event.step}/{event.total_steps}", f"loss {reported_loss(event):.4f}", f"lr {event.lr:.2e}"]
         if event.grad_norm is not None:
             parts.append(f"grad {event.grad_norm:.3f}")
         if self.show_speed:  # the whole run's rate: every rank runs the same micro-batch
-            parts.append(f"{event.samples_per_s * self._procs:.1f} samples/s")
-            if event.tokens_per_s is not None:
-                parts.append(f"{event.tokens_per_s * self._procs:.0f} tokens/s")
+            samples, tokens = run_speed(self.record)
+            parts.append(f"{samples:.1f} samples/s")
+            if tokens is not None:
+                parts.append(f"{tokens:.0f} tokens/s")
         if self.show_memory:
             parts.append(self._memory_text())
         return " | ".join(parts)
 
     def _memory_text(self) -> str:
         """Device peak / capacity per rank, or host RSS when no rank has a device."""
-        gib = 2**30
-        if any(sample.capacity for sample in self._memory.values()):
-            rows = (f"r{rank} {s.peak / gib:.2f}/{s.capacity / gib:.2f} GiB" for rank, s in sorted(self._memory.items()))
-            return "mem " + " ".join(rows)
-        return "rss " + " ".join(f"r{rank} {s.host_rss / gib:.2f} GiB" for rank, s in sorted(self._memory.items()))
+        memory = self.record.memory
+        if any(sample.capacity for sample in memory.values()):
+            return "mem " + " ".join(f"r{rank} {s.peak / GIB:.2f}/{s.capacity / GIB:.2f} GiB" for rank, s in memory.items())
+        return "rss " + " ".join(f"r{rank} {s.host_rss / GIB:.2f} GiB" for rank, s in memory.items())
 
     def close(self) -> None:
         self.stream.flush()

@@ -40,7 +40,7 @@ import ipywidgets as widgets
 from IPython.display import display
 from traitlets import Dict, HasTraits, Int, List, Unicode
 
-from nexa_nb.events import RunEnded, StepEnd
+from nexa_nb.events import RunEnded, Sink, StepEnd
 from nexa_nb.sinks.render import (
     RunRecord,
     fmt_duration,
@@ -59,7 +59,7 @@ NOTES_SHOWN = 5  # the latest notes; a run that retries a lot should not push th
 BAR_STYLES = {"running": "info", "completed": "success", "failed": "danger", "interrupted": "warning"}
 
 
-class Dashboard(HasTraits):
+class Dashboard(Sink, HasTraits):
     """A sink that draws a run live.
 
     The traits mirror what is on screen after the last redraw. The widgets are attributes:
@@ -123,16 +123,22 @@ class Dashboard(HasTraits):
 
     def handle(self, event) -> None:
         with self._lock:
-            self.record.add(event)
-            if isinstance(event, StepEnd) and event.rank == 0:
-                self._time_step(event.step)
-        if isinstance(event, RunEnded):
-            self.close()
+            self.record.handle(event)
+        super().handle(event)
+        if self._stopped.is_set():  # closed, by `on_run_ended` or the caller: the final state is drawn
             return
         self._dirty.set()
-        if self._thread is None and not self._stopped.is_set():
+        if self._thread is None:
             self._thread = threading.Thread(target=self._render_loop, name="nexa-dashboard", daemon=True)
             self._thread.start()
+
+    def on_step_end(self, event: StepEnd) -> None:
+        if event.rank == 0:
+            with self._lock:
+                self._time_step(event.step)
+
+    def on_run_ended(self, event: RunEnded) -> None:
+        self.close()
 
     def close(self) -> None:
         """Stop the render thread and draw the final state. Safe to call more than once."""

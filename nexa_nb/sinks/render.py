@@ -23,8 +23,10 @@ from nexa_nb.events import (
     Note,
     RunEnded,
     RunStarted,
+    Sink,
     StepEnd,
 )
+from nexa_nb.text import byte_unit, format_bytes, precision_label, strategy_label
 
 PALETTE = (  # matplotlib's "tab10": distinct hues that people already read as "rank 0, 1, ..."
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -66,11 +68,16 @@ class Series:
         return [(self.xs[i], self.ys[i]) for i in indices if math.isfinite(self.ys[i])]
 
 
-class RunRecord:
+def reported_loss(event: StepEnd) -> float:
+    """The loss a step reports: averaged over ranks when known, else this rank's."""
+    return event.loss if event.mean_loss is None else event.mean_loss
+
+
+class RunRecord(Sink):
     """Everything the outputs show, updated in O(1) per event.
 
     Curves of lr and grad norm come from rank 0 (they are the same on every rank); loss and
-    memory are kept per rank.
+    memory are kept per rank. The console and the dashboard each feed one and draw from it.
     """
 
     def __init__(self) -> None:
@@ -88,35 +95,40 @@ class RunRecord:
         self.notes: list[Note] = []
         self.first_mean_loss: float | None = None  # the run's first loss, averaged over ranks like the last
 
-    def add(self, event) -> None:
-        if isinstance(event, StepEnd):
-            self.loss.setdefault(event.rank, Series()).append(event.step, event.loss)
-            self.latest[event.rank] = event
-            if event.rank == 0:
-                if self.first_mean_loss is None:
-                    self.first_mean_loss = event.loss if event.mean_loss is None else event.mean_loss
-                self.step = event.step
-                self.lr.append(event.step, event.lr)
-                if event.grad_norm is not None:
-                    self.grad_norm.append(event.step, event.grad_norm)
-        elif isinstance(event, MicroStep):
-            self.micro[event.rank] = event
-        elif isinstance(event, EvalEnd):
-            self.last_eval = event
-            loss_key = next((k for k in EVAL_LOSS_KEYS if k in event.metrics), None)
-            if loss_key is not None:
-                self.eval_loss.append(event.step, event.metrics[loss_key])
-        elif isinstance(event, CheckpointSaved):
-            self.last_checkpoint = event
-        elif isinstance(event, Note):
-            self.notes.append(event)
-        elif isinstance(event, RunStarted):
-            self.started = event
-            self.step = event.start_step
-            self.notes.extend(Note(message) for message in event.notes)
-        elif isinstance(event, RunEnded):
-            self.ended = event
+    def on_run_started(self, event: RunStarted) -> None:
+        self.started = event
+        self.step = event.start_step
+        self.notes.extend(Note(message) for message in event.notes)
+
+    def on_micro_step(self, event: MicroStep) -> None:
+        self.micro[event.rank] = event
+
+    def on_step_end(self, event: StepEnd) -> None:
+        self.loss.setdefault(event.rank, Series()).append(event.step, event.loss)
+        self.latest[event.rank] = event
+        if event.rank == 0:
+            if self.first_mean_loss is None:
+                self.first_mean_loss = reported_loss(event)
             self.step = event.step
+            self.lr.append(event.step, event.lr)
+            if event.grad_norm is not None:
+                self.grad_norm.append(event.step, event.grad_norm)
+
+    def on_eval_end(self, event: EvalEnd) -> None:
+        self.last_eval = event
+        loss_key = next((k for k in EVAL_LOSS_KEYS if k in event.metrics), None)
+        if loss_key is not None:
+            self.eval_loss.append(event.step, event.metrics[loss_key])
+
+    def on_checkpoint_saved(self, event: CheckpointSaved) -> None:
+        self.last_checkpoint = event
+
+    def on_note(self, event: Note) -> None:
+        self.notes.append(event)
+
+    def on_run_ended(self, event: RunEnded) -> None:
+        self.ended = event
+        self.step = event.step
 
     @property
     def plan(self) -> dict:
@@ -163,21 +175,8 @@ def plural(n: int, word: str, words: str) -> str:
     return f"{n} {word if n == 1 else words}"
 
 
-def _unit(n: int) -> tuple[str, int]:
-    """The largest binary unit not above `n`."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return unit, size
-    return "B", 1
-
-
-def fmt_bytes(n: int) -> str:
-    unit, size = _unit(n)
-    return f"{n / size:.2f} {unit}"
-
-
 def fmt_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
@@ -185,22 +184,18 @@ def fmt_metrics(metrics: dict[str, float], sep: str = ", ") -> str:
     return sep.join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
-def plan_label(plan: dict) -> str:
-    """The strategy in two words: "ZeRO-3", "DDP", "single process"."""
-    if plan.get("zero") is not None:
-        return f"ZeRO-{plan['zero']}"
-    kind = plan.get("distributed_type", "NO")
-    return {"NO": "single process", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP"}.get(kind, kind)
+def plan_strategy(plan: dict) -> str:
+    """The strategy of a plan summary in two words: "ZeRO-3", "DDP", "single process"."""
+    return strategy_label(plan.get("zero"), plan.get("distributed_type", "NO"))
 
 
-def precision_label(plan: dict) -> str:
-    precision = plan.get("precision", "no")
-    return "fp32" if precision == "no" else precision
+def plan_precision(plan: dict) -> str:
+    return precision_label(plan.get("precision", "no"))
 
 
 def plan_parts(plan: dict) -> list[str]:
     """The resolved plan as short phrases, in the order a reader checks them."""
-    parts = [plan_label(plan)]
+    parts = [plan_strategy(plan)]
     offload = [
         f"{what}={plan[key]}"
         for what, key in (("optimizer", "offload_optimizer"), ("param", "offload_param"))
@@ -208,7 +203,7 @@ def plan_parts(plan: dict) -> list[str]:
     ]
     if offload:
         parts.append("offload " + " ".join(offload))
-    parts.append(precision_label(plan))
+    parts.append(plan_precision(plan))
     parts.append(plural(plan.get("procs", 1), "process", "processes"))
     parts.append(
         f"effective batch {plan.get('effective_batch', '?')} "
@@ -257,8 +252,8 @@ def summary_text(record: RunRecord) -> str:
     plan = record.plan
     done = record.step - record.start_step
     text = (
-        f"Trained {plural(done, 'step', 'steps')} with {plan_label(plan)} "
-        f"({precision_label(plan)}, {plural(plan.get('procs', 1), 'process', 'processes')}, "
+        f"Trained {plural(done, 'step', 'steps')} with {plan_strategy(plan)} "
+        f"({plan_precision(plan)}, {plural(plan.get('procs', 1), 'process', 'processes')}, "
         f"effective batch {plan.get('effective_batch', '?')})"
     )
     if record.start_step:
@@ -439,37 +434,37 @@ def memory_chart(
     scale = max(
         (sample.capacity if on_device else sample.host_rss for sample in memory.values()), default=0
     ) or 1
-    unit, size = _unit(scale)
+    unit, size = byte_unit(scale)
     bar_x = margin + label_w
     body = [f'<text x="{margin}" y="14" font-weight="bold">memory per rank</text>']
     if not memory:
         body.append(f'<text x="{bar_x}" y="{MEMORY_ROW + 14}" fill-opacity="0.6">no samples yet</text>')
+
+    def bar(y: int, rank: int, value: int, opacity: float) -> str:
+        w = bar_w * min(value / scale, 1.0)
+        return (
+            f'<rect x="{bar_x}" y="{y + 4}" width="{w:.1f}" height="12" '
+            f'fill="{rank_color(rank)}" fill-opacity="{opacity}"/>'
+        )
+
     for row, (rank, sample) in enumerate(sorted(memory.items()), start=1):
         y = row * MEMORY_ROW
-
-        def bar(value: int, opacity: float) -> str:
-            w = bar_w * min(value / scale, 1.0)
-            return (
-                f'<rect x="{bar_x}" y="{y + 4}" width="{w:.1f}" height="12" '
-                f'fill="{rank_color(rank)}" fill-opacity="{opacity}"/>'
-            )
-
-        parts = [f'<text x="{margin}" y="{y + 14}">rank {rank}</text>', bar(scale, 0.12)]
+        parts = [f'<text x="{margin}" y="{y + 14}">rank {rank}</text>', bar(y, rank, scale, 0.12)]
         if on_device:
             peak_x = bar_x + bar_w * min(sample.peak / scale, 1.0)
             parts += [
-                bar(sample.reserved, 0.35),
-                bar(sample.allocated, 0.9),
+                bar(y, rank, sample.reserved, 0.35),
+                bar(y, rank, sample.allocated, 0.9),
                 f'<line x1="{peak_x:.1f}" x2="{peak_x:.1f}" y1="{y + 2}" y2="{y + 18}" stroke="{ink}" stroke-width="2"/>',
             ]
             detail = (
                 f"alloc {sample.allocated / size:.2f} · reserved {sample.reserved / size:.2f} · "
                 f"peak {sample.peak / size:.2f} / {sample.capacity / size:.2f} {unit} · "
-                f"host {fmt_bytes(sample.host_rss)}"
+                f"host {format_bytes(sample.host_rss)}"
             )
         else:
-            parts.append(bar(sample.host_rss, 0.9))
-            detail = f"host RSS {fmt_bytes(sample.host_rss)}"
+            parts.append(bar(y, rank, sample.host_rss, 0.9))
+            detail = f"host RSS {format_bytes(sample.host_rss)}"
         parts.append(f'<text x="{bar_x + bar_w + 8}" y="{y + 14}">{_esc(detail)}</text>')
         body.append(
             f'<g class="nexa-memory-row" data-rank="{rank}" data-allocated="{sample.allocated}" '
@@ -493,8 +488,8 @@ def run_svg(record: RunRecord) -> str:
     ]
     height = status_h + LOSS_HEIGHT + SMALL_HEIGHT + memory_height(len(memory))
     body = [
-        f'<text class="nexa-status" data-status="{_esc(record.status)}" x="8" y="16" '
-        f'font-weight="bold">{_esc(status_text(record))}</text>'
+        (f'<text class="nexa-status" data-status="{_esc(record.status)}" x="8" y="16" '
+         f'font-weight="bold">{_esc(status_text(record))}</text>')
     ]
     body += [f'<g transform="translate({x},{y})">{svg}</g>' for x, y, svg in blocks]
     return _svg(CHART_WIDTH, height, body, "nexa-run", STATIC_INK, "white")

@@ -174,3 +174,41 @@ def chromium(playwright):
         yield browser
     finally:
         browser.close()
+
+
+def notebook(*cells: str):
+    """A notebook of code cells with these sources, on this interpreter's kernelspec."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "nexa_nb test", "language": "python"}
+    return nb
+
+
+KERNEL_IDLE_JS = """
+() => {
+  const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const kernel = panel && panel.sessionContext && panel.sessionContext.session && panel.sessionContext.session.kernel;
+  return !!kernel && kernel.status === 'idle' && kernel.connectionStatus === 'connected';
+}
+"""
+
+PROMPTS_JS = "() => [...document.querySelectorAll('.jp-Notebook .jp-InputPrompt')].map((p) => p.textContent.trim())"
+
+
+def run_all_cells(page, timeout: float = 120) -> None:
+    """Run every cell of the open notebook once its kernel is idle; return when the first cell
+    is queued, or raise AssertionError.
+
+    The command is sent again if no cell was queued: just after the page loads it can reach
+    the notebook before JupyterLab tracks it as the current one, and then does nothing."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.wait_for_function(KERNEL_IDLE_JS, timeout=timeout * 1000)
+    for _ in range(3):
+        # Not awaited: the command's promise resolves only when every cell has run.
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        try:
+            page.wait_for_function(f"() => ({PROMPTS_JS})().some((p) => /[*0-9]/.test(p))", timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            pass
+    raise AssertionError(f"run all cells: no cell was queued; prompts {page.evaluate(PROMPTS_JS)}")

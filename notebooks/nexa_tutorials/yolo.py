@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from nexa_nb.tutorials.yolo_data import CLASS_NAMES, make_detection_set
+from nexa_tutorials.yolo_data import CLASS_NAMES, make_detection_set
 
 HYP = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
 """Ultralytics' default gains of the box (CIoU), class (BCE) and distribution-focal losses."""

@@ -1,6 +1,6 @@
 """The NER tutorial's task: all-MiniLM-L6-v2 tagging utility-engineering jargon.
 
-`ner_task` turns the synthetic corpus of `nexa_nb.tutorials.ner_data` into a `nexa_nb.Task`:
+`ner_task` turns the synthetic corpus of `nexa_tutorials.ner_data` into a `nexa_nb.Task`:
 
 - model: a factory, ``AutoModelForTokenClassification.from_pretrained(minilm_path(), ...)``
   with one output unit per BIO tag, built inside every worker (never in the kernel);
@@ -23,8 +23,8 @@ import functools
 import os
 from typing import NamedTuple, Sequence
 
-from nexa_nb.tutorials.minilm import load_tokenizer, minilm_path
-from nexa_nb.tutorials.ner_data import (
+from nexa_tutorials.minilm import load_tokenizer, minilm_path
+from nexa_tutorials.ner_data import (
     encode_for_token_classification,
     entity_f1,
     make_ner_corpus,
@@ -224,7 +224,7 @@ def ner_task(n_train: int = 3200, n_heldout: int = 300, seed: int = 0, max_lengt
     """The tutorial's task, its tag names and its held-out examples.
 
     The held-out split uses sentence templates and entity values that training never sees
-    (see `nexa_nb.tutorials.ner_data`); it is both the task's ``eval_data`` (eval loss) and
+    (see `nexa_tutorials.ner_data`); it is both the task's ``eval_data`` (eval loss) and
     what ``metrics`` scores (entity F1). The training split is augmented by `swap_words`
     (all three rates 0: train on the generated sentences as they are).
     """

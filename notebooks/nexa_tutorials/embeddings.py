@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nexa_nb.task import Task
-from nexa_nb.tutorials.embedding_data import heldout_clauses, retrieval_accuracy_at_1
-from nexa_nb.tutorials.minilm import minilm_path
+from nexa_tutorials.embedding_data import heldout_clauses, retrieval_accuracy_at_1
+from nexa_tutorials.minilm import minilm_path
 
 Pair = tuple[str, str]
 

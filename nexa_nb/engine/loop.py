@@ -1,0 +1,182 @@
+"""The training loop: `run` sets up, resumes, fits and finishes; `fit` is the loop itself.
+
+The loop is the documented Accelerate pattern (prepare, accumulate, backward, clip, step);
+what a notebook user needs besides (events, history, trackers, checkpoints) is one call
+each to the reporter or to `save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from nexa_nb import events as ev
+from nexa_nb.engine.batches import cast_floats, extract_loss
+from nexa_nb.engine.checkpoints import checkpoint_name, resume, save_checkpoint
+from nexa_nb.engine.outcome import Outcome
+from nexa_nb.engine.reporter import StepReporter
+from nexa_nb.engine.runtime import Runtime, setup
+from nexa_nb.engine.state import TrainState
+from nexa_nb.errors import TrainingError
+from nexa_nb.plan import Plan
+from nexa_nb.task import Task
+
+
+def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
+    """Train `task` as `plan` says, in this process (one rank of the run)."""
+    rt = setup(plan, task)
+    state = TrainState.start(plan, task.name, rt.fingerprint)
+    if plan.config.resume:
+        state = resume(rt.accelerator, plan, state)
+    report = StepReporter(emit, rt.accelerator, plan, rt.total_steps, state)
+    report.started(task.name, rt.distributed_type, state.step)
+    status, message = "completed", ""
+    try:
+        fit(rt, plan, task, state, report)
+    except KeyboardInterrupt:
+        status, message = "interrupted", f"interrupted at step {state.step}"
+    except RuntimeError as exc:
+        unused = _unused_parameters(exc, rt.model)
+        if unused is None:
+            raise
+        raise TrainingError(
+            f"these parameters take no part in the loss, and DDP cannot synchronise them: {', '.join(unused)}. "
+            "Fix: leave them out of the model (or set requires_grad=False on them), "
+            "or pass --find-unused-parameters (find_unused_parameters=True)") from exc
+    finally:
+        report.close()
+
+    state_dict = final_state_dict(rt.accelerator, rt.model, plan) if status == "completed" else None
+    final_loss = state.history[-1]["loss"] if state.history else None
+    report.ended(status, state.step, final_loss, message)
+    return Outcome(status=status, history=state.history, final_loss=final_loss, eval_metrics=report.eval_metrics,
+                   checkpoint_dir=report.last_checkpoint, distributed_type=rt.distributed_type,
+                   num_processes=rt.accelerator.num_processes, state_dict=state_dict, message=message,
+                   notes=list(plan.notes))
+
+
+def fit(rt: Runtime, plan: Plan, task: Task, state: TrainState, report: StepReporter) -> None:
+    """Train from `state.step` to `rt.total_steps`, then evaluate and save once more.
+
+    A resumed run starts mid-epoch: the epoch's data order is a function of (seed, epoch),
+    so skipping the micro-batches already trained continues exactly where the checkpoint was.
+    """
+    c = plan.config
+    accelerator, accum = rt.accelerator, plan.grad_accum
+    rt.model.train()
+    while state.step < rt.total_steps:
+        epoch = state.step // rt.steps_per_epoch
+        micro = (state.step % rt.steps_per_epoch) * accum  # micro-batches of this epoch already trained
+        rt.train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(rt.train_loader, micro) if micro else rt.train_loader
+        report.start_window()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for batch in batches:
+            if micro >= rt.steps_per_epoch * accum or state.step >= rt.total_steps:
+                break
+            micro += 1
+            k = (micro - 1) % accum + 1
+            report.micro_step(state.step + 1, k)
+            if rt.cast_dtype is not None:
+                batch = cast_floats(batch, rt.cast_dtype)
+            loss, grad_norm = train_micro_batch(rt, plan, task, batch)
+            loss_sum += loss.detach().float()
+            report.trained(batch)
+            if k < accum:
+                continue
+
+            state.step += 1
+            evaluating = bool(c.eval_every and rt.eval_loader is not None and state.step % c.eval_every == 0
+                              and state.step < rt.total_steps)
+            saving = bool(c.ckpt_dir and c.ckpt_every and state.step % c.ckpt_every == 0)
+            report.step_end(state.step, epoch, loss_sum / accum, rt.scheduler.get_last_lr()[0], grad_norm,
+                            now=evaluating or saving)
+            if evaluating:
+                report.evaluated(state.step, evaluate(rt, task))
+            if saving:
+                report.saved(state.step, save_checkpoint(accelerator, c.ckpt_dir, state))
+            report.start_window()
+            loss_sum = torch.zeros((), device=accelerator.device)
+    if rt.eval_loader is not None:
+        report.evaluated(state.step, evaluate(rt, task))
+    if c.ckpt_dir and report.last_checkpoint != str(Path(c.ckpt_dir) / checkpoint_name(state.step)):
+        report.saved(state.step, save_checkpoint(accelerator, c.ckpt_dir, state))
+
+
+def train_micro_batch(rt: Runtime, plan: Plan, task: Task, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward and backward one micro-batch; at an accumulation boundary, clip and step.
+
+    Returns the loss and, at a boundary, the gradient norm before clipping.
+    """
+    accelerator = rt.accelerator
+    with accelerator.accumulate(rt.model):
+        loss = extract_loss(rt.forward(rt.model, batch), batch, task.loss_fn)
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients:
+            params = rt.model.parameters() if plan.uses_deepspeed else rt.trainable
+            grad_norm = accelerator.clip_grad_norm_(params, plan.config.clip_norm or float("inf"))
+        rt.optimizer.step()
+        if accelerator.sync_gradients:
+            rt.scheduler.step()
+        rt.optimizer.zero_grad()
+    return loss, grad_norm
+
+
+def evaluate(rt: Runtime, task: Task) -> dict[str, float]:
+    """Mean eval loss over the whole (sharded) eval set, plus the task's own metrics."""
+    accelerator, model = rt.accelerator, rt.model
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    with torch.no_grad():
+        for batch in rt.eval_loader:
+            if rt.cast_dtype is not None:
+                batch = cast_floats(batch, rt.cast_dtype)
+            outputs = rt.forward(model, batch)
+            try:
+                loss = extract_loss(outputs, batch, task.loss_fn)
+            except TrainingError:
+                loss = None
+            if loss is not None:
+                total += loss.float()
+                count += 1
+    metrics: dict[str, float] = {}
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    if count.item() > 0:
+        metrics["loss"] = (total / count).item()
+    if task.metrics is not None:
+        # Every rank runs the metric: under ZeRO-3 a forward needs all ranks to gather weights.
+        with torch.no_grad():
+            metrics.update({k: float(v) for k, v in task.metrics(model, rt.eval_loader).items()})
+    model.train()
+    return metrics
+
+
+def final_state_dict(accelerator, model, plan: Plan) -> dict[str, torch.Tensor] | None:
+    """Whole final weights on CPU for the caller (LoRA merged into the base model)."""
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process or state is None:
+        return None
+    if plan.config.lora:
+        base = accelerator.unwrap_model(model)
+        merged = copy.deepcopy(base).cpu().float().merge_and_unload()
+        return {k: v.detach().cpu().clone() for k, v in merged.state_dict().items()}
+    return {k: v.detach().cpu().float().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in state.items()}
+
+
+def _unused_parameters(exc: RuntimeError, model) -> list[str] | None:
+    """The names behind DDP's "Parameter indices which did not receive grad for rank R: 2 3",
+    or None when `exc` is another error."""
+    found = re.search(r"did not receive grad for rank \d+: ([\d ]+)", str(exc))
+    if found is None:
+        return None
+    module = getattr(model, "module", model)
+    names = [name for name, p in module.named_parameters() if p.requires_grad]
+    indices = [int(i) for i in found.group(1).split()]
+    listed = [names[i] for i in indices[:5] if i < len(names)]
+    return listed + ([f"and {len(indices) - 5} more"] if len(indices) > 5 else [])

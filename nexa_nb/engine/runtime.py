@@ -1,0 +1,243 @@
+"""Setting a run up: from (plan, task) to a `Runtime`, everything the loop trains with.
+
+The Accelerator and the environment it reads, the model (with gradient checkpointing and
+LoRA), the optimizer, the schedule and the data loaders, prepared by Accelerate.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nexa_nb.engine.batches import default_forward
+from nexa_nb.errors import TrainingError
+from nexa_nb.plan import Plan
+from nexa_nb.schedules import SCHEDULES
+from nexa_nb.task import Task
+from nexa_nb.trackers import TRACKERS
+
+
+@dataclass
+class Runtime:
+    """The prepared objects of one rank, and the run's length."""
+
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any | None
+    forward: Callable
+    cast_dtype: torch.dtype | None
+    """The model's half-precision dtype under DeepSpeed, whose engines do not autocast inputs; else None."""
+    steps_per_epoch: int
+    total_steps: int
+    trainable: list[torch.nn.Parameter]
+    fingerprint: dict[str, Any]
+    distributed_type: str
+
+
+def setup(plan: Plan, task: Task) -> Runtime:
+    """Build and prepare everything for `plan`; the seed is set before the model is built."""
+    from accelerate.utils import set_seed
+
+    c = plan.config
+    apply_worker_environment(plan)
+    accelerator = build_accelerator(plan)
+    set_seed(c.seed)
+    model = build_model(task, plan)
+    fingerprint = model_fingerprint(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TrainingError("the model has no trainable parameter (all requires_grad=False)")
+    optimizer = make_optimizer(trainable, plan)
+    loader, eval_loader = make_loaders(task, plan)
+    per_epoch = steps_per_epoch(len(task.train_data), plan)
+    total_steps = c.max_steps or per_epoch * c.epochs
+    scheduler = make_scheduler(optimizer, plan, total_steps)
+
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    cast_dtype = model_dtype if plan.uses_deepspeed and model_dtype in (torch.bfloat16, torch.float16) else None
+    return Runtime(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=loader,
+                   eval_loader=eval_loader, forward=task.forward or default_forward, cast_dtype=cast_dtype,
+                   steps_per_epoch=per_epoch, total_steps=total_steps, trainable=trainable, fingerprint=fingerprint,
+                   distributed_type=accelerator.distributed_type.value)
+
+
+def steps_per_epoch(samples: int, plan: Plan) -> int:
+    """Optimizer steps in one pass over `samples` (incomplete batches dropped); at least one, or an error."""
+    steps = samples // plan.effective_batch
+    if steps < 1:
+        raise TrainingError(
+            f"one optimizer step needs {plan.effective_batch} samples (micro-batch {plan.micro_batch} x accumulation "
+            f"{plan.grad_accum} x {plan.procs} procs) but train_data has {samples}; lower --batch-size, "
+            "--grad-accum or --procs")
+    return steps
+
+
+def apply_worker_environment(plan: Plan) -> None:
+    """The plan's variables, and none of those a launcher derived from another config.
+
+    ``accelerate launch`` turns a YAML's ``deepspeed_config`` / ``fsdp_config`` into
+    ``ACCELERATE_DEEPSPEED_*``, ``ACCELERATE_GRADIENT_*`` and ``FSDP_*`` variables;
+    Accelerate then refuses them next to the plan's complete DeepSpeed config, or lets them
+    silently override the plan's accumulation.
+    """
+    launcher_overrides = ("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_", "FSDP_")
+    for name in [n for n in os.environ if n.startswith(launcher_overrides)]:
+        del os.environ[name]
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    os.environ.update(plan.worker_env)
+    for tracker in plan.config.trackers:
+        TRACKERS[tracker].prepare(plan.accelerator_kwargs["project_dir"])
+
+
+def build_accelerator(plan: Plan):
+    """The Accelerator for this plan, checked against what the plan expects.
+
+    On a CPU-only host, DeepSpeed needs Accelerate to use gloo without ``cpu=True``:
+    ``cpu=True`` silently drops the DeepSpeed plugin, and without a backend Accelerate
+    believes it runs one process while DeepSpeed sees the whole world (its
+    ``train_batch_size`` check then fails).  Passing the backend explicitly fixes both.
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import (
+        DeepSpeedPlugin,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
+
+    kwargs = dict(plan.accelerator_kwargs)
+    handlers = []
+    if plan.deepspeed_config is not None:
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(plan.deepspeed_config))
+        if plan.device == "cpu":
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if plan.config.find_unused_parameters and plan.deepspeed_config is None:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    if "project_dir" in kwargs:
+        kwargs["project_config"] = ProjectConfiguration(project_dir=kwargs.pop("project_dir"))
+    accelerator = Accelerator(
+        **kwargs,
+        kwargs_handlers=handlers,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=plan.config.seed),
+        step_scheduler_with_optimizer=False,
+    )
+    reported = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if reported != plan.distributed_type or accelerator.num_processes != plan.procs:
+        raise RuntimeError(
+            f"Accelerate set up {reported} with {accelerator.num_processes} process(es), but the plan is "
+            f"{plan.distributed_type} with {plan.procs}: refusing to train unsynchronised copies"
+        )
+    return accelerator
+
+
+def build_model(task: Task, plan: Plan) -> torch.nn.Module:
+    """The task's model, with gradient checkpointing and LoRA adapters when the plan asks for them."""
+    model = task.build_model()
+    if plan.config.grad_ckpt:
+        enable_gradient_checkpointing(model)
+    if plan.config.lora:
+        model = apply_lora(model, plan)
+    return model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> str:
+    """Transformers models use their own switch; any other module checkpoints each child."""
+    if hasattr(model, "gradient_checkpointing_enable") and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+        return "transformers"
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpointed(forward, *args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    wrapped = 0
+    for child in model.children():
+        if any(p.requires_grad for p in child.parameters()):
+            # Patching the instance's forward keeps parameter names (and checkpoints) unchanged.
+            child.forward = functools.partial(checkpointed, child.forward)
+            wrapped += 1
+    if wrapped == 0:
+        raise TrainingError("gradient checkpointing found no sub-module to checkpoint; "
+                            "drop --grad-ckpt or split the model into child modules")
+    return f"{wrapped} child modules"
+
+
+def apply_lora(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    c = plan.config
+    targets = list(c.lora_target_modules) if c.lora_target_modules else None
+    task_type = None
+    cls = type(model).__name__
+    kinds = (("ForTokenClassification", TaskType.TOKEN_CLS), ("ForSequenceClassification", TaskType.SEQ_CLS),
+             ("ForCausalLM", TaskType.CAUSAL_LM), ("ForSeq2SeqLM", TaskType.SEQ_2_SEQ_LM))
+    for suffix, kind in kinds:
+        if cls.endswith(suffix):
+            task_type = kind
+    if targets is None and not hasattr(model, "config"):
+        # A plain module: adapt every linear layer.
+        targets = sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        if not targets:
+            raise TrainingError("--lora found no nn.Linear layer to adapt; pass lora_target_modules=[...]")
+    config = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                        target_modules=targets, task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """Names and shapes of every parameter: enough to tell another model's checkpoint apart."""
+    shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "digest": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
+
+
+def make_optimizer(params, plan: Plan):
+    c = plan.config
+    if plan.uses_deepspeed and c.offload_optimizer != "none":
+        # ZeRO-Offload steps on the host: DeepSpeed insists on its own CPU Adam there.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=plan.lr, weight_decay=c.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=plan.lr, weight_decay=c.weight_decay)
+
+
+def make_scheduler(optimizer, plan: Plan, total_steps: int):
+    """The config's schedule (see `nexa_nb.schedules`) as a LambdaLR over `total_steps`."""
+    factor, warmup = SCHEDULES[plan.config.scheduler], plan.config.warmup_steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step, warmup, total_steps))
+
+
+def make_loaders(task: Task, plan: Plan):
+    """The train loader (shuffled, incomplete batches dropped) and the eval loader, or None.
+
+    Each loader draws from a generator of its own, never from the global RNG that dropout uses:
+    a DataLoader takes a seed from its generator at every new iterator, and a resumed run
+    creates one where the uninterrupted run did not, so drawing from the global RNG would
+    shift every dropout mask after a resume. The order itself comes from Accelerate's
+    seedable sampler: a function of (seed, epoch).
+    """
+    from torch.utils.data import DataLoader
+
+    seed = plan.config.seed
+    loader = DataLoader(task.train_data, batch_size=plan.micro_batch, shuffle=True, collate_fn=task.collate_fn,
+                        drop_last=True, generator=torch.Generator().manual_seed(seed))
+    eval_loader = None
+    if task.eval_data is not None:
+        eval_loader = DataLoader(task.eval_data, batch_size=plan.micro_batch, shuffle=False,
+                                 collate_fn=task.collate_fn, generator=torch.Generator().manual_seed(seed))
+    return loader, eval_loader
