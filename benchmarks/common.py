@@ -18,14 +18,16 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 VERSIONED = ("torch", "accelerate", "deepspeed", "transformers", "nexa-nb", "ipykernel", "ipywidgets", "nbclient")
 
 
 # --- the step clock ----------------------------------------------------------------------
+
 
 class StepClock:
     """A ``Task.forward`` that notes when each forward pass starts (``time.time()``, per process).
@@ -71,8 +73,10 @@ class StepClock:
 def read_clock(folder: str | os.PathLike, label: str, rank: int = 0) -> dict[str, Any]:
     path = Path(folder) / f"{label}-rank{rank}.json"
     if not path.is_file():
-        raise RuntimeError(f"run {label!r} wrote no step times for rank {rank} (it failed or made fewer "
-                           "forward passes than planned); see its output above")
+        raise RuntimeError(
+            f"run {label!r} wrote no step times for rank {rank} (it failed or made fewer "
+            "forward passes than planned); see its output above"
+        )
     return json.loads(path.read_text())
 
 
@@ -108,8 +112,14 @@ class Steps:
 
 # --- A/B comparisons -----------------------------------------------------------------------
 
-def alternate(repeats: int, run_a: Callable[[int], float], run_b: Callable[[int], float],
-              log: Callable[[str], None] = print, names: tuple[str, str] = ("A", "B")) -> tuple[list[float], list[float]]:
+
+def alternate(
+    repeats: int,
+    run_a: Callable[[int], float],
+    run_b: Callable[[int], float],
+    log: Callable[[str], None] = print,
+    names: tuple[str, str] = ("A", "B"),
+) -> tuple[list[float], list[float]]:
     """Run A, B, A, B, ... ``repeats`` times each, so that slow drift of the machine hits both sides."""
     a, b = [], []
     for i in range(repeats):
@@ -178,18 +188,40 @@ class Figure:
     load_after: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "ratio": self.ratio, "goal": self.goal.text(), "met_goal": self.goal.met(self.ratio),
-                "n": self.n, "unit": self.unit, "checks": self.checks, "sides": self.sides, "details": self.details,
-                "load_average": {"before": self.load_before, "after": self.load_after}}
+        return {
+            "title": self.title,
+            "ratio": self.ratio,
+            "goal": self.goal.text(),
+            "met_goal": self.goal.met(self.ratio),
+            "n": self.n,
+            "unit": self.unit,
+            "checks": self.checks,
+            "sides": self.sides,
+            "details": self.details,
+            "load_average": {"before": self.load_before, "after": self.load_after},
+        }
 
 
 def side(values: list[float]) -> dict[str, Any]:
-    return {"values": values, "median": median(values) if values else None,
-            "min": min(values) if values else None, "max": max(values) if values else None}
+    return {
+        "values": values,
+        "median": median(values) if values else None,
+        "min": min(values) if values else None,
+        "max": max(values) if values else None,
+    }
 
 
-def ab_figure(key: str, title: str, goal: Goal, unit: str, names: tuple[str, str], a: list[float], b: list[float],
-              checks: dict[str, bool] | None = None, **details: Any) -> Figure:
+def ab_figure(
+    key: str,
+    title: str,
+    goal: Goal,
+    unit: str,
+    names: tuple[str, str],
+    a: list[float],
+    b: list[float],
+    checks: dict[str, bool] | None = None,
+    **details: Any,
+) -> Figure:
     """A figure whose ratio is A / B, taken as the median of the per-pair ratios.
 
     Each pair ran back to back, so its ratio is the least touched by drift; the median of
@@ -197,11 +229,13 @@ def ab_figure(key: str, title: str, goal: Goal, unit: str, names: tuple[str, str
     """
     pairs = [x / y for x, y in zip(a, b)]
     details = {"pair_ratios": pairs, "ratio_of_medians": median(a) / median(b), **details}
-    return Figure(key, title, median(pairs), goal, len(pairs), unit, {names[0]: side(a), names[1]: side(b)}, details,
-                  checks or {})
+    return Figure(
+        key, title, median(pairs), goal, len(pairs), unit, {names[0]: side(a), names[1]: side(b)}, details, checks or {}
+    )
 
 
 # --- the machine -------------------------------------------------------------------------
+
 
 def load_average() -> list[float]:
     try:
@@ -245,13 +279,22 @@ def versions() -> dict[str, str]:
 
 # --- results -----------------------------------------------------------------------------
 
+
 def results_path(out_dir: str | os.PathLike, device: str, suffix: str = "") -> Path:
     today = datetime.date.today().isoformat()
     return Path(out_dir) / f"{today}-{device}{suffix}.json"
 
 
-def write_results(path: Path, *, device: str, settings: dict[str, Any], figures: list[Figure],
-                  load_before: list[float], load_after: list[float], extra: dict[str, Any] | None = None) -> None:
+def write_results(
+    path: Path,
+    *,
+    device: str,
+    settings: dict[str, Any],
+    figures: list[Figure],
+    load_before: list[float],
+    load_after: list[float],
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write the JSON atomically (a ``.tmp`` beside it, then renamed)."""
     data = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -276,7 +319,7 @@ def table(figures: list[Figure]) -> str:
         ratio = "n/a" if f.ratio is None else f"{f.ratio:.3f}"
         failed = [name for name, ok in f.checks.items() if not ok]
         checks = ("FAILED: " + ", ".join(failed)) if failed else ("ok" if f.checks else "-")
-        load = (f"{f.load_before[0]:.2f} -> {f.load_after[0]:.2f}" if f.load_before and f.load_after else "")
+        load = f"{f.load_before[0]:.2f} -> {f.load_after[0]:.2f}" if f.load_before and f.load_after else ""
         rows.append((f.title, ratio, f.goal.text(), met, str(f.n), checks, load))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

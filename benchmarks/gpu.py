@@ -77,6 +77,7 @@ def log(message: str) -> None:
 
 # --- the model and data ------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Gpt2Shape:
     """A GPT-2-style decoder: ``layers`` blocks of width ``width`` with 64-wide heads."""
@@ -99,8 +100,17 @@ def gpt2(layers: int, width: int, heads: int, seq: int):
     """GPT2LMHeadModel from a config (no download), dropout off, PyTorch's SDPA attention."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, n_positions=seq, vocab_size=VOCAB,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    config = GPT2Config(
+        n_layer=layers,
+        n_embd=width,
+        n_head=heads,
+        n_positions=seq,
+        vocab_size=VOCAB,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -125,8 +135,12 @@ def gpt2_task(shape: Gpt2Shape, samples: int, forward=None):
 
     import nexa_nb
 
-    return nexa_nb.Task(functools.partial(gpt2, shape.layers, shape.width, shape.heads, shape.seq),
-                        RandomTokens(samples, shape.seq), forward=forward, name=f"gpt2-{shape.name}")
+    return nexa_nb.Task(
+        functools.partial(gpt2, shape.layers, shape.width, shape.heads, shape.seq),
+        RandomTokens(samples, shape.seq),
+        forward=forward,
+        name=f"gpt2-{shape.name}",
+    )
 
 
 def param_counts(shape: Gpt2Shape) -> tuple[int, int, int]:
@@ -149,6 +163,7 @@ def flops_per_token(shape: Gpt2Shape) -> float:
 
 
 # --- settings ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -173,15 +188,38 @@ class Settings:
     lr: float = 1e-4
 
 
-QUICK = Settings(repeats=1, mfu_steps=Steps(2, 3), mfu_micro_batch=4, offload_steps=Steps(1, 2),
-                 offload_micro_batch=2, offload_accum=2, search_try_timeout_s=600, search_budget_s=900)
+QUICK = Settings(
+    repeats=1,
+    mfu_steps=Steps(2, 3),
+    mfu_micro_batch=4,
+    offload_steps=Steps(1, 2),
+    offload_micro_batch=2,
+    offload_accum=2,
+    search_try_timeout_s=600,
+    search_budget_s=900,
+)
 
 
 def options(s: Settings, *, micro_batch: int, grad_accum: int, steps: int, **more) -> dict:
     """nexa_nb.train options for one GPU, every one given; ``more`` adds or replaces (zero=2, ...)."""
-    return {**dict(precision="bf16", force_cpu=False, zero=None, procs=1, batch_size=micro_batch,
-                   grad_accum=grad_accum, max_steps=steps, lr=s.lr, weight_decay=0.0, clip_norm=1.0,
-                   scheduler="constant", warmup_steps=0, seed=s.seed), **more}
+    return {
+        **dict(
+            precision="bf16",
+            force_cpu=False,
+            zero=None,
+            procs=1,
+            batch_size=micro_batch,
+            grad_accum=grad_accum,
+            max_steps=steps,
+            lr=s.lr,
+            weight_decay=0.0,
+            clip_norm=1.0,
+            scheduler="constant",
+            warmup_steps=0,
+            seed=s.seed,
+        ),
+        **more,
+    }
 
 
 def samples_for(opts: dict) -> int:
@@ -192,8 +230,9 @@ def timed_nexa(shape: Gpt2Shape, opts: dict, steps: Steps, work: Path, label: st
     """(seconds per steady optimizer step, TrainResult) of nexa_nb.train on GPT-2 `shape`."""
     import nexa_nb
 
-    clock = StepClock(work, label, calls=opts["max_steps"] * opts["grad_accum"],
-                      sync_calls=steps.bounds(opts["grad_accum"]))
+    clock = StepClock(
+        work, label, calls=opts["max_steps"] * opts["grad_accum"], sync_calls=steps.bounds(opts["grad_accum"])
+    )
     result = nexa_nb.train(gpt2_task(shape, samples_for(opts), forward=clock), sinks=list(sinks), **opts)
     if result.status != "completed" or len(result.history) != opts["max_steps"]:
         raise RuntimeError(f"nexa_nb run did not complete: {result!r}")
@@ -204,14 +243,16 @@ def timed_nexa(shape: Gpt2Shape, opts: dict, steps: Steps, work: Path, label: st
 def timed_hand(shape: Gpt2Shape, opts: dict, steps: Steps, work: Path, label: str) -> float:
     from benchmarks.handloop import run_hand_loop
 
-    clock = StepClock(work, label, calls=opts["max_steps"] * opts["grad_accum"],
-                      sync_calls=steps.bounds(opts["grad_accum"]))
+    clock = StepClock(
+        work, label, calls=opts["max_steps"] * opts["grad_accum"], sync_calls=steps.bounds(opts["grad_accum"])
+    )
     run_hand_loop(gpt2_task(shape, samples_for(opts), forward=clock), opts)
     data = read_clock(work, label)
     return steady_seconds_per_step(data["times"], opts["grad_accum"], steps.warmup, steps.measured)
 
 
 # --- figure 7 ----------------------------------------------------------------------------
+
 
 def mfu(s: Settings, work: Path, gpu_name: str, peak: float | None) -> list[Figure]:
     """Model FLOPs utilisation of GPT-2 124M and 350M through nexa_nb, and nexa_nb / hand loop.
@@ -229,30 +270,57 @@ def mfu(s: Settings, work: Path, gpu_name: str, peak: float | None) -> list[Figu
         per_token = flops_per_token(shape)
         micro_batches = []
 
-        def nexa(i, shape=shape, opts=opts):
+        def nexa(i, shape=shape, opts=opts, micro_batches=micro_batches, tokens_per_step=tokens_per_step):
             seconds, result = timed_nexa(shape, opts, s.mfu_steps, work, f"mfu-{shape.name}-nexa-{i}")
             micro_batches.append(result.plan.micro_batch)
             return tokens_per_step / seconds
 
-        def hand(i, shape=shape, opts=opts):
+        def hand(i, shape=shape, opts=opts, tokens_per_step=tokens_per_step):
             return tokens_per_step / timed_hand(shape, opts, s.mfu_steps, work, f"mfu-{shape.name}-hand-{i}")
 
         total = param_counts(shape)[0]
         log(f"figure 7: GPT-2 {label} ({total:,} parameters), micro-batch {opts['batch_size']} x {shape.seq} tokens")
         a, b = alternate(s.repeats, nexa, hand, log=log, names=("nexa_nb tokens/s", "hand tokens/s"))
         checks = {"no_out_of_memory_retry": all(m == opts["batch_size"] for m in micro_batches)}
-        ratio = ab_figure(f"7_loop_parity_{label}", f"7 nexa/hand GPT-2 {label}", at_least(0.99), "tokens/s",
-                          ("nexa_nb", "hand_loop"), a, b, checks=checks, settings=opts, params=total)
+        ratio = ab_figure(
+            f"7_loop_parity_{label}",
+            f"7 nexa/hand GPT-2 {label}",
+            at_least(0.99),
+            "tokens/s",
+            ("nexa_nb", "hand_loop"),
+            a,
+            b,
+            checks=checks,
+            settings=opts,
+            params=total,
+        )
         utilisation = [x * per_token / (peak * 1e12) for x in a] if peak else []
-        figures.append(Figure(f"7_mfu_{label}", f"7 MFU GPT-2 {label}", median(utilisation) if peak else None, goal,
-                              len(a), "model FLOPs / peak", {"nexa_nb_mfu": side(utilisation)},
-                              {"flops_per_token": per_token, "peak_tflops": peak, "gpu": gpu_name,
-                               "tokens_per_s": side(a), "settings": opts, "params": total}, checks))
+        figures.append(
+            Figure(
+                f"7_mfu_{label}",
+                f"7 MFU GPT-2 {label}",
+                median(utilisation) if peak else None,
+                goal,
+                len(a),
+                "model FLOPs / peak",
+                {"nexa_nb_mfu": side(utilisation)},
+                {
+                    "flops_per_token": per_token,
+                    "peak_tflops": peak,
+                    "gpu": gpu_name,
+                    "tokens_per_s": side(a),
+                    "settings": opts,
+                    "params": total,
+                },
+                checks,
+            )
+        )
         figures.append(ratio)
     return figures
 
 
 # --- figure 8 ----------------------------------------------------------------------------
+
 
 def memory_plan(s: Settings, work: Path) -> list[Figure]:
     """Peak device memory a run reached / the model-state memory nexa_nb plans for it.
@@ -278,13 +346,28 @@ def memory_plan(s: Settings, work: Path) -> list[Figure]:
         timed_nexa(shape, opts, Steps(0, 2), work, f"memory-{name}", sinks=[sink])
         peak = max(e.memory.peak for e in sink.events if isinstance(e, StepEnd) and e.rank == 0)
         planned = model_state_memory(total, largest, stage=stage, gpus_per_node=1).device_bytes
-        figures.append(Figure(f"8_memory_{name}", f"8 peak/plan {name}", peak / planned, between(0.9, 1.1), 1,
-                              "bytes", details={"peak_bytes": peak, "planned_bytes": planned, "params": total,
-                                                "largest_layer": largest, "settings": opts}))
+        figures.append(
+            Figure(
+                f"8_memory_{name}",
+                f"8 peak/plan {name}",
+                peak / planned,
+                between(0.9, 1.1),
+                1,
+                "bytes",
+                details={
+                    "peak_bytes": peak,
+                    "planned_bytes": planned,
+                    "params": total,
+                    "largest_layer": largest,
+                    "settings": opts,
+                },
+            )
+        )
     return figures
 
 
 # --- figure 9 ----------------------------------------------------------------------------
+
 
 def offload_cost(s: Settings, work: Path) -> Figure:
     """Seconds per optimizer step, ZeRO-2 with the optimizer offloaded to the CPU
@@ -292,7 +375,9 @@ def offload_cost(s: Settings, work: Path) -> Figure:
     accumulation 4 of 1024 tokens: a model that fits both ways. The CPU Adam op is compiled
     on first use; that happens before the timed steps."""
     shape = s.offload_shape
-    base = options(s, micro_batch=s.offload_micro_batch, grad_accum=s.offload_accum, steps=s.offload_steps.total, zero=2)
+    base = options(
+        s, micro_batch=s.offload_micro_batch, grad_accum=s.offload_accum, steps=s.offload_steps.total, zero=2
+    )
 
     def offloaded(i):
         return timed_nexa(shape, {**base, "offload_optimizer": "cpu"}, s.offload_steps, work, f"offload-cpu-{i}")[0]
@@ -302,8 +387,17 @@ def offload_cost(s: Settings, work: Path) -> Figure:
 
     log(f"figure 9a: ZeRO-2 optimizer offload, micro-batch {base['batch_size']} x accumulation {base['grad_accum']}")
     a, b = alternate(s.repeats, offloaded, on_device, log=log, names=("offload", "no offload"))
-    return ab_figure("9a_offload_step_time", "9a ZeRO-2 offload / none", at_most(1.5), "seconds per optimizer step",
-                     ("zero2_cpu_offload", "zero2"), a, b, settings=base, params=param_counts(shape)[0])
+    return ab_figure(
+        "9a_offload_step_time",
+        "9a ZeRO-2 offload / none",
+        at_most(1.5),
+        "seconds per optimizer step",
+        ("zero2_cpu_offload", "zero2"),
+        a,
+        b,
+        settings=base,
+        params=param_counts(shape)[0],
+    )
 
 
 TRY_SIZE = """\
@@ -343,23 +437,45 @@ def largest_model(s: Settings, work: Path) -> Figure:
     def trains(k: int, offload: bool, deadline: float) -> bool | None:
         """Whether size k trains; None when the budget is spent or the try timed out."""
         shape = search_shape(s, k)
-        opts = options(s, micro_batch=1, grad_accum=1, steps=2, zero=3,
-                       offload_optimizer="cpu" if offload else "none", offload_param="cpu" if offload else "none")
+        opts = options(
+            s,
+            micro_batch=1,
+            grad_accum=1,
+            steps=2,
+            zero=3,
+            offload_optimizer="cpu" if offload else "none",
+            offload_param="cpu" if offload else "none",
+        )
         remaining = deadline - time.monotonic()
         if remaining < 60:
             return None
         log(f"figure 9b: {'full offload' if offload else 'no offload'}, {param_counts(shape)[0] / 1e9:.2f}B parameters")
         started = time.monotonic()
         try:
-            proc = subprocess.run([sys.executable, "-c", TRY_SIZE, json.dumps([asdict(shape), opts])], cwd=ROOT,
-                                  capture_output=True, text=True, timeout=min(s.search_try_timeout_s, remaining))
+            proc = subprocess.run(
+                [sys.executable, "-c", TRY_SIZE, json.dumps([asdict(shape), opts])],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=min(s.search_try_timeout_s, remaining),
+            )
             lines = proc.stdout.strip().splitlines()
-            outcome = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
-                "ok": False, "message": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+            outcome = (
+                json.loads(lines[-1])
+                if proc.returncode == 0 and lines
+                else {"ok": False, "message": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+            )
         except subprocess.TimeoutExpired:
             outcome = {"ok": None, "message": "timed out"}
-        tries.append({"params": param_counts(shape)[0], "width": shape.width, "offload": offload,
-                      "seconds": round(time.monotonic() - started, 1), **outcome})
+        tries.append(
+            {
+                "params": param_counts(shape)[0],
+                "width": shape.width,
+                "offload": offload,
+                "seconds": round(time.monotonic() - started, 1),
+                **outcome,
+            }
+        )
         return outcome["ok"]
 
     def search(start: int, offload: bool, budget: float) -> tuple[int | None, bool]:
@@ -380,14 +496,24 @@ def largest_model(s: Settings, work: Path) -> Figure:
     plain_params = param_counts(search_shape(s, plain))[0] if plain is not None else None
     full_params = param_counts(search_shape(s, full))[0] if full is not None else None
     ratio = full_params / plain_params if plain_params and full_params else None
-    return Figure("9b_largest_model", "9b largest: full offload / none", ratio, at_least(8), len(tries), "parameters",
-                  {"zero3_full_offload": side([full_params] if full_params else []),
-                   "zero3": side([plain_params] if plain_params else [])},
-                  {"tries": tries, "search_seq": s.search_seq, "search_layers": s.search_layers},
-                  {"search_complete": plain_done and full_done})
+    return Figure(
+        "9b_largest_model",
+        "9b largest: full offload / none",
+        ratio,
+        at_least(8),
+        len(tries),
+        "parameters",
+        {
+            "zero3_full_offload": side([full_params] if full_params else []),
+            "zero3": side([plain_params] if plain_params else []),
+        },
+        {"tries": tries, "search_seq": s.search_seq, "search_layers": s.search_layers},
+        {"search_complete": plain_done and full_done},
+    )
 
 
 # --- main --------------------------------------------------------------------------------
+
 
 def find_gpu() -> tuple[str, int] | None:
     """(name, count) of the CUDA GPUs, found without initialising CUDA here; None without any
@@ -408,16 +534,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="F[,F]", help="run only these figures: 7, 8, 9a, 9b (9 = both)")
     parser.add_argument("--repeats", type=int, metavar="N", help="A/B pairs per comparison (default 3)")
     parser.add_argument("--micro-batch", type=int, metavar="N", help="figure 7's micro-batch (default 16)")
-    parser.add_argument("--peak-tflops", type=float, metavar="T",
-                        help="the GPU's dense bf16 peak, for a GPU the built-in table does not know")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="T",
+        help="the GPU's dense bf16 peak, for a GPU the built-in table does not know",
+    )
     parser.add_argument("--search-budget", type=int, metavar="S", help="seconds for figure 9b's search (default 3600)")
     parser.add_argument("--out", metavar="DIR", default=str(RESULTS), help="folder for the results JSON")
     args = parser.parse_args(argv)
 
     found = find_gpu()
     if found is None:
-        print("benchmarks.gpu needs a CUDA GPU and a CUDA build of torch; none found here, nothing was measured. "
-              "The CPU figures: python -m benchmarks.run", file=sys.stderr)
+        print(
+            "benchmarks.gpu needs a CUDA GPU and a CUDA build of torch; none found here, nothing was measured. "
+            "The CPU figures: python -m benchmarks.run",
+            file=sys.stderr,
+        )
         return 2
     gpu_name, gpu_count = found
     peak = args.peak_tflops or peak_tflops(gpu_name)
@@ -434,12 +567,18 @@ def main(argv: list[str] | None = None) -> int:
         wanted |= {"9a", "9b"}
     # DeepSpeed compiles its CPU Adam with the first `ninja` on PATH: this environment's.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    steps = [("7", lambda w: mfu(s, w, gpu_name, peak)), ("8", lambda w: memory_plan(s, w)),
-             ("9a", lambda w: [offload_cost(s, w)]), ("9b", lambda w: [largest_model(s, w)])]
+    steps = [
+        ("7", lambda w: mfu(s, w, gpu_name, peak)),
+        ("8", lambda w: memory_plan(s, w)),
+        ("9a", lambda w: [offload_cost(s, w)]),
+        ("9b", lambda w: [largest_model(s, w)]),
+    ]
 
     load_before = load_average()
-    log(f"{gpu_name} x {gpu_count}, dense bf16 peak {peak or 'unknown'} TFLOPS; figures {sorted(wanted)}; "
-        f"load average {load_before}")
+    log(
+        f"{gpu_name} x {gpu_count}, dense bf16 peak {peak or 'unknown'} TFLOPS; figures {sorted(wanted)}; "
+        f"load average {load_before}"
+    )
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="nexa-bench-gpu-") as tmp:
         for key, fn in steps:
@@ -451,8 +590,16 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 log(f"figure {key} failed: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
-                rows = [Figure(f"{key}_error", f"{key} FAILED", None, Goal(), 0,
-                               details={"error": f"{type(exc).__name__}: {exc}"})]
+                rows = [
+                    Figure(
+                        f"{key}_error",
+                        f"{key} FAILED",
+                        None,
+                        Goal(),
+                        0,
+                        details={"error": f"{type(exc).__name__}: {exc}"},
+                    )
+                ]
             for f in rows:
                 f.load_before, f.load_after = before, load_average()
                 f.details.setdefault("wall_s", round(time.perf_counter() - started, 1))
@@ -461,9 +608,15 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "-".join(gpu_name.lower().replace("nvidia", "").split()) or "gpu"
     path = results_path(args.out, device, "-quick" if args.quick else "")
-    write_results(path, device=gpu_name, settings={**asdict(s), "figures_run": sorted(wanted), "quick": args.quick},
-                  figures=figures, load_before=load_before, load_after=load_after,
-                  extra={"gpu": {"name": gpu_name, "count": gpu_count, "peak_bf16_tflops": peak}})
+    write_results(
+        path,
+        device=gpu_name,
+        settings={**asdict(s), "figures_run": sorted(wanted), "quick": args.quick},
+        figures=figures,
+        load_before=load_before,
+        load_after=load_after,
+        extra={"gpu": {"name": gpu_name, "count": gpu_count, "peak_bf16_tflops": peak}},
+    )
     print()
     print(table(figures))
     print(f"\nload average (1, 5, 15 min): before {load_before}, after {load_after}")

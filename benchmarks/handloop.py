@@ -48,8 +48,9 @@ def loss_of(task, batch, model):
     return outputs.loss if task.loss_fn is None else task.loss_fn(outputs, batch)
 
 
-def hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = False,
-              weights_out: str | None = None) -> None:
+def hand_loop(
+    task, options: dict[str, Any], sync_every_micro_step: bool = False, weights_out: str | None = None
+) -> None:
     """Train `task` with the documented Accelerate loop; ``options`` are nexa_nb's TrainConfig values."""
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
@@ -67,8 +68,9 @@ def hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = False
     model = task.build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=options["lr"], weight_decay=options["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # nexa_nb's "constant"
-    loader = DataLoader(task.train_data, batch_size=options["batch_size"], shuffle=True,
-                        collate_fn=task.collate_fn, drop_last=True)
+    loader = DataLoader(
+        task.train_data, batch_size=options["batch_size"], shuffle=True, collate_fn=task.collate_fn, drop_last=True
+    )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     clip = options["clip_norm"] or float("inf")
     micro_per_rank = options["max_steps"] * accum
@@ -101,8 +103,9 @@ def hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = False
     accelerator.wait_for_everyone()
 
 
-def _worker(procs: int, task, options: dict[str, Any], sync_every_micro_step: bool, weights_out: str | None,
-            all_forked) -> None:
+def _worker(
+    procs: int, task, options: dict[str, Any], sync_every_micro_step: bool, weights_out: str | None, all_forked
+) -> None:
     import torch
 
     from nexa_nb.hardware import usable_cores
@@ -118,14 +121,22 @@ def _worker(procs: int, task, options: dict[str, Any], sync_every_micro_step: bo
     hand_loop(task, options, sync_every_micro_step, weights_out)
 
 
-def run_hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = False,
-                  weights_out: str | None = None) -> None:
+def run_hand_loop(
+    task, options: dict[str, Any], sync_every_micro_step: bool = False, weights_out: str | None = None
+) -> None:
     """Start `hand_loop` the way nexa_nb starts its engine: a forked process for one,
     `accelerate.notebook_launcher` (forked workers) for several."""
     from accelerate import notebook_launcher
 
     procs = options["procs"]
-    args = (procs, task, options, sync_every_micro_step, weights_out, multiprocessing.get_context("fork").Barrier(procs))
+    args = (
+        procs,
+        task,
+        options,
+        sync_every_micro_step,
+        weights_out,
+        multiprocessing.get_context("fork").Barrier(procs),
+    )
     # As nexa_nb's launcher does before forking: the workers' garbage collector then leaves
     # the objects inherited from this process alone, on both sides alike.
     gc.collect()
@@ -138,7 +149,8 @@ def run_hand_loop(task, options: dict[str, Any], sync_every_micro_step: bool = F
             if process.exitcode != 0:
                 raise RuntimeError(f"the hand-written loop failed (exit code {process.exitcode})")
         else:
-            notebook_launcher(_worker, args=args, num_processes=procs, use_port=str(free_port()),
-                              master_addr="127.0.0.1")
+            notebook_launcher(
+                _worker, args=args, num_processes=procs, use_port=str(free_port()), master_addr="127.0.0.1"
+            )
     finally:
         gc.unfreeze()

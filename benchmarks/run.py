@@ -54,8 +54,8 @@ from benchmarks.common import (  # noqa: E402  (after the thread setting, on pur
     read_clock,
     results_path,
     side,
-    step_starts,
     steady_seconds_per_step,
+    step_starts,
     table,
     write_results,
 )
@@ -92,9 +92,16 @@ class Settings:
     lr: float = 1e-3
 
 
-QUICK = Settings(repeats=1, steps=Steps(1, 3), dashboard_steps=Steps(1, 3),
-                 parity_shape=MlpShape(32, 64, 1), parity_micro_batch=8,
-                 accum_shape=MlpShape(32, 64, 1), accum_micro_batch=4, load_ext_repeats=2)
+QUICK = Settings(
+    repeats=1,
+    steps=Steps(1, 3),
+    dashboard_steps=Steps(1, 3),
+    parity_shape=MlpShape(32, 64, 1),
+    parity_micro_batch=8,
+    accum_shape=MlpShape(32, 64, 1),
+    accum_micro_batch=4,
+    load_ext_repeats=2,
+)
 
 
 def log(message: str) -> None:
@@ -104,9 +111,21 @@ def log(message: str) -> None:
 def options(s: Settings, *, procs: int, micro_batch: int, grad_accum: int, steps: int) -> dict:
     """nexa_nb.train options, every one given so no environment variable changes them; the hand
     loops read the same dict."""
-    return dict(precision="no", force_cpu=True, zero=None, procs=procs, batch_size=micro_batch,
-                grad_accum=grad_accum, max_steps=steps, lr=s.lr, weight_decay=0.0, clip_norm=1.0,
-                scheduler="constant", warmup_steps=0, seed=s.seed)
+    return dict(
+        precision="no",
+        force_cpu=True,
+        zero=None,
+        procs=procs,
+        batch_size=micro_batch,
+        grad_accum=grad_accum,
+        max_steps=steps,
+        lr=s.lr,
+        weight_decay=0.0,
+        clip_norm=1.0,
+        scheduler="constant",
+        warmup_steps=0,
+        seed=s.seed,
+    )
 
 
 def samples_for(opts: dict) -> int:
@@ -161,6 +180,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 # --- figure 1 ----------------------------------------------------------------------------
 
+
 def loop_parity(s: Settings, work: Path, procs: int) -> Figure:
     """Optimizer steps/s of nexa_nb.train / the hand-written Accelerate loop, same task.
 
@@ -184,17 +204,30 @@ def loop_parity(s: Settings, work: Path, procs: int) -> Figure:
         hand_runs.append(runs.hand(s.parity_shape, opts, s.steps))
         return 1 / hand_runs[-1].seconds
 
-    log(f"figure 1: loop parity, {procs} process(es), {s.parity_shape.params:,} parameters, "
-        f"micro-batch {s.parity_micro_batch}")
+    log(
+        f"figure 1: loop parity, {procs} process(es), {s.parity_shape.params:,} parameters, "
+        f"micro-batch {s.parity_micro_batch}"
+    )
     a, b = alternate(s.repeats, nexa, hand, log=log, names=("nexa_nb", "hand"))
     difference = max(max_difference(x.weights, y.weights) for x, y in zip(nexa_runs, hand_runs))
     threads = {"nexa_nb": sorted({r.threads for r in nexa_runs}), "hand_loop": sorted({r.threads for r in hand_runs})}
-    return ab_figure(f"1_loop_parity_{procs}proc", f"1 loop parity, {procs} proc", at_least(0.99), "optimizer steps/s",
-                     ("nexa_nb", "hand_loop"), a, b,
-                     checks={"same_final_weights": difference == 0.0,
-                             "same_torch_threads": threads["nexa_nb"] == threads["hand_loop"]},
-                     settings=opts, model_params=s.parity_shape.params, max_weight_difference=difference,
-                     torch_threads_per_process=threads)
+    return ab_figure(
+        f"1_loop_parity_{procs}proc",
+        f"1 loop parity, {procs} proc",
+        at_least(0.99),
+        "optimizer steps/s",
+        ("nexa_nb", "hand_loop"),
+        a,
+        b,
+        checks={
+            "same_final_weights": difference == 0.0,
+            "same_torch_threads": threads["nexa_nb"] == threads["hand_loop"],
+        },
+        settings=opts,
+        model_params=s.parity_shape.params,
+        max_weight_difference=difference,
+        torch_threads_per_process=threads,
+    )
 
 
 # --- figure 2 ----------------------------------------------------------------------------
@@ -231,10 +264,16 @@ def benchmark_kernel(folder: Path):
     spec = folder / "kernels" / "nexa-bench"
     spec.mkdir(parents=True, exist_ok=True)
     env = subprocess_env()
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "nexa_nb benchmarks", "language": "python",
-        "env": {"PYTHONPATH": env["PYTHONPATH"], "PATH": env["PATH"], "FORCE_CPU": "1"}}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "nexa_nb benchmarks",
+                "language": "python",
+                "env": {"PYTHONPATH": env["PYTHONPATH"], "PATH": env["PATH"], "FORCE_CPU": "1"},
+            }
+        )
+    )
     previous = os.environ.get("JUPYTER_PATH")
     os.environ["JUPYTER_PATH"] = str(folder)
     try:
@@ -277,12 +316,25 @@ def dashboard_cost(s: Settings, work: Path) -> Figure:
         for dashboard in (True, False):
             label = f"{'dashboard' if dashboard else 'console'}-{i}"
             labels.append((label, dashboard))
-            cells.append(KERNEL_RUN.format(dashboard=dashboard, samples=samples_for(opts), work=str(work), label=label,
-                                           calls=steps.total, procs=opts["procs"], micro_batch=opts["batch_size"],
-                                           steps=steps.total, lr=opts["lr"], seed=opts["seed"]))
+            cells.append(
+                KERNEL_RUN.format(
+                    dashboard=dashboard,
+                    samples=samples_for(opts),
+                    work=str(work),
+                    label=label,
+                    calls=steps.total,
+                    procs=opts["procs"],
+                    micro_batch=opts["batch_size"],
+                    steps=steps.total,
+                    lr=opts["lr"],
+                    seed=opts["seed"],
+                )
+            )
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    log(f"figure 2: dashboard cost, {len(labels)} runs in one kernel, {opts['procs']} processes, "
-        f"{steps.measured} timed steps each")
+    log(
+        f"figure 2: dashboard cost, {len(labels)} runs in one kernel, {opts['procs']} processes, "
+        f"{steps.measured} timed steps each"
+    )
     with benchmark_kernel(work / "jupyter") as kernel:
         client = CountingClient(nb, kernel_name=kernel, timeout=1800, resources={"metadata": {"path": str(work)}})
         client.execute()
@@ -295,16 +347,27 @@ def dashboard_cost(s: Settings, work: Path) -> Figure:
         messages[dashboard].append(client.comm_messages.get(index, 0))
     for i in range(s.repeats):
         log(f"    pair {i + 1}/{s.repeats}: dashboard {rates[True][i]:.4g}  console {rates[False][i]:.4g}")
-    fig = ab_figure("2_dashboard_cost", "2 dashboard / console", at_least(0.99), "optimizer steps/s",
-                    ("dashboard", "console"), rates[True], rates[False], settings=opts,
-                    model_params=s.parity_shape.params,
-                    widget_messages_per_run={"dashboard": messages[True], "console": messages[False]})
-    fig.checks = {"dashboard_sent_widget_messages": all(m > 0 for m in messages[True]),
-                  "console_sent_none": all(m == 0 for m in messages[False])}
+    fig = ab_figure(
+        "2_dashboard_cost",
+        "2 dashboard / console",
+        at_least(0.99),
+        "optimizer steps/s",
+        ("dashboard", "console"),
+        rates[True],
+        rates[False],
+        settings=opts,
+        model_params=s.parity_shape.params,
+        widget_messages_per_run={"dashboard": messages[True], "console": messages[False]},
+    )
+    fig.checks = {
+        "dashboard_sent_widget_messages": all(m > 0 for m in messages[True]),
+        "console_sent_none": all(m == 0 for m in messages[False]),
+    }
     return fig
 
 
 # --- figure 3 ----------------------------------------------------------------------------
+
 
 def accumulation(s: Settings, work: Path) -> Figure:
     """Seconds per optimizer step at accumulation 4 in 2 processes: nexa_nb (``accumulate``, one
@@ -330,23 +393,40 @@ def accumulation(s: Settings, work: Path) -> Figure:
         every_runs.append(runs.hand(s.accum_shape, opts, s.steps, sync_every_micro_step=True))
         return every_runs[-1].seconds
 
-    log(f"figure 3: accumulation {s.accum_steps}, 2 processes, {s.accum_shape.params:,} parameters, "
-        f"micro-batch {s.accum_micro_batch}")
+    log(
+        f"figure 3: accumulation {s.accum_steps}, 2 processes, {s.accum_shape.params:,} parameters, "
+        f"micro-batch {s.accum_micro_batch}"
+    )
     a, b = alternate(s.repeats, nexa, every, log=log, names=("nexa_nb", "sync-every"))
     difference = max(max_difference(x.weights, y.weights) for x, y in zip(nexa_runs, every_runs))
-    return ab_figure("3_accumulation", "3 accumulation / sync every", at_most(0.85), "seconds per optimizer step",
-                     ("nexa_nb", "sync_every_micro_step"), a, b,
-                     checks={"same_final_weights_within_1e-5": difference < 1e-5},
-                     settings=opts, model_params=s.accum_shape.params,
-                     gradient_mib=round(s.accum_shape.params * 4 / 2**20, 2), max_weight_difference=difference,
-                     # The sync-every loop makes accum - 1 more all-reduces per step: their cost, roughly.
-                     seconds_per_extra_all_reduce=(median(b) - median(a)) / (s.accum_steps - 1))
+    return ab_figure(
+        "3_accumulation",
+        "3 accumulation / sync every",
+        at_most(0.85),
+        "seconds per optimizer step",
+        ("nexa_nb", "sync_every_micro_step"),
+        a,
+        b,
+        checks={"same_final_weights_within_1e-5": difference < 1e-5},
+        settings=opts,
+        model_params=s.accum_shape.params,
+        gradient_mib=round(s.accum_shape.params * 4 / 2**20, 2),
+        max_weight_difference=difference,
+        # The sync-every loop makes accum - 1 more all-reduces per step: their cost, roughly.
+        seconds_per_extra_all_reduce=(median(b) - median(a)) / (s.accum_steps - 1),
+    )
 
 
 # --- figure 4 ----------------------------------------------------------------------------
 
-MEMORY_SIZES = [(10_000_000, 1_000_000), (124_000_000, 38_600_000), (350_000_000, 51_500_000),
-                (1_300_000_000, 128_000_000), (7_000_000_000, 500_000_000), (70_000_000_000, 1_050_000_000)]
+MEMORY_SIZES = [
+    (10_000_000, 1_000_000),
+    (124_000_000, 38_600_000),
+    (350_000_000, 51_500_000),
+    (1_300_000_000, 128_000_000),
+    (7_000_000_000, 500_000_000),
+    (70_000_000_000, 1_050_000_000),
+]
 
 
 def memory_fidelity(s: Settings, work: Path) -> list[Figure]:
@@ -369,33 +449,82 @@ def memory_fidelity(s: Settings, work: Path) -> list[Figure]:
             for nodes in (1, 2):
                 for stage in (1, 2):
                     for offload in ("none", "cpu"):
-                        ours = model_state_memory(total, largest, stage=stage, offload_optimizer=offload,
-                                                  gpus_per_node=gpus, num_nodes=nodes)
+                        ours = model_state_memory(
+                            total, largest, stage=stage, offload_optimizer=offload, gpus_per_node=gpus, num_nodes=nodes
+                        )
                         host, device = estimate_zero2_model_states_mem_needs(
-                            total, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload != "none")
-                        ratios.append({"params": total, "gpus": gpus, "nodes": nodes, "stage": stage,
-                                       "offload": offload, "device": ours.device_bytes / device,
-                                       "host": ours.host_bytes / host})
+                            total, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload != "none"
+                        )
+                        ratios.append(
+                            {
+                                "params": total,
+                                "gpus": gpus,
+                                "nodes": nodes,
+                                "stage": stage,
+                                "offload": offload,
+                                "device": ours.device_bytes / device,
+                                "host": ours.host_bytes / host,
+                            }
+                        )
                 for opt, param in (("none", "none"), ("cpu", "none"), ("cpu", "cpu")):
                     for zero_init in (True, False):
-                        ours = model_state_memory(total, largest, stage=3, offload_optimizer=opt, offload_param=param,
-                                                  gpus_per_node=gpus, num_nodes=nodes, zero_init=zero_init)
+                        ours = model_state_memory(
+                            total,
+                            largest,
+                            stage=3,
+                            offload_optimizer=opt,
+                            offload_param=param,
+                            gpus_per_node=gpus,
+                            num_nodes=nodes,
+                            zero_init=zero_init,
+                        )
                         host, device, _ = estimate_zero3_model_states_mem_needs(
-                            total, largest, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=opt != "none",
-                            cpu_offload_params=param != "none", zero_init=zero_init)
-                        ratios.append({"params": total, "gpus": gpus, "nodes": nodes, "stage": 3,
-                                       "offload": f"{opt}/{param}", "zero_init": zero_init,
-                                       "device": ours.device_bytes / device, "host": ours.host_bytes / host})
+                            total,
+                            largest,
+                            num_gpus_per_node=gpus,
+                            num_nodes=nodes,
+                            cpu_offload=opt != "none",
+                            cpu_offload_params=param != "none",
+                            zero_init=zero_init,
+                        )
+                        ratios.append(
+                            {
+                                "params": total,
+                                "gpus": gpus,
+                                "nodes": nodes,
+                                "stage": 3,
+                                "offload": f"{opt}/{param}",
+                                "zero_init": zero_init,
+                                "device": ours.device_bytes / device,
+                                "host": ours.host_bytes / host,
+                            }
+                        )
     values = [r[k] for r in ratios for k in ("device", "host")]
     low = min(ratios, key=lambda r: min(r["device"], r["host"]))
     high = max(ratios, key=lambda r: max(r["device"], r["host"]))
     log(f"figure 4: memory plan vs DeepSpeed, {len(values)} comparisons: {min(values):.4f} .. {max(values):.4f}")
     details = {"sizes": MEMORY_SIZES, "comparisons": len(values)}
     return [
-        Figure("4_memory_plan_min", "4 memory plan, min ratio", min(values), between(0.99, 1.01), len(values),
-               "bytes", {"ours/deepspeed": side(values)}, {**details, "worst_case": low}),
-        Figure("4_memory_plan_max", "4 memory plan, max ratio", max(values), between(0.99, 1.01), len(values),
-               "bytes", {"ours/deepspeed": side(values)}, {**details, "worst_case": high}),
+        Figure(
+            "4_memory_plan_min",
+            "4 memory plan, min ratio",
+            min(values),
+            between(0.99, 1.01),
+            len(values),
+            "bytes",
+            {"ours/deepspeed": side(values)},
+            {**details, "worst_case": low},
+        ),
+        Figure(
+            "4_memory_plan_max",
+            "4 memory plan, max ratio",
+            max(values),
+            between(0.99, 1.01),
+            len(values),
+            "bytes",
+            {"ours/deepspeed": side(values)},
+            {**details, "worst_case": high},
+        ),
     ]
 
 
@@ -429,8 +558,14 @@ print(json.dumps({"started": started}))
 
 
 def run_python(code: str, *args: str, timeout: float = 600) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -444,10 +579,21 @@ def load_ext_time(s: Settings, work: Path) -> Figure:
     runs = [run_python(LOAD_EXT) for _ in range(s.load_ext_repeats)]
     seconds = [r["seconds"] for r in runs]
     heavy = sorted({m for r in runs for m in r["heavy_modules"]})
-    fig = Figure("5a_load_ext_seconds", "5a %load_ext nexa_nb (s)", median(seconds), at_most(0.3), len(seconds),
-                 "seconds", {"load_ext": side(seconds)}, {"heavy_modules_imported": heavy})
-    fig.checks = {"torch_not_imported": "torch" not in heavy, "nothing_heavy_imported": not heavy,
-                  "magics_registered": all(r["magics"] for r in runs)}
+    fig = Figure(
+        "5a_load_ext_seconds",
+        "5a %load_ext nexa_nb (s)",
+        median(seconds),
+        at_most(0.3),
+        len(seconds),
+        "seconds",
+        {"load_ext": side(seconds)},
+        {"heavy_modules_imported": heavy},
+    )
+    fig.checks = {
+        "torch_not_imported": "torch" not in heavy,
+        "nothing_heavy_imported": not heavy,
+        "magics_registered": all(r["magics"] for r in runs),
+    }
     return fig
 
 
@@ -499,12 +645,23 @@ def startup(s: Settings, work: Path) -> Figure:
 
     log(f"figure 5b: time to the first optimizer step, {opts['procs']} processes")
     a, b = alternate(s.repeats, nexa, launch, log=log, names=("nexa_nb", "accelerate launch"))
-    return ab_figure("5b_startup", "5b start-up / accelerate launch", at_most(1.0), "seconds to the end of step 1",
-                     ("nexa_nb_train", "accelerate_launch"), a, b, settings=opts, launch_command=" ".join(
-                         ["accelerate", "launch", "--config_file", Path(files.accelerate_config).name, "train.py"]))
+    return ab_figure(
+        "5b_startup",
+        "5b start-up / accelerate launch",
+        at_most(1.0),
+        "seconds to the end of step 1",
+        ("nexa_nb_train", "accelerate_launch"),
+        a,
+        b,
+        settings=opts,
+        launch_command=" ".join(
+            ["accelerate", "launch", "--config_file", Path(files.accelerate_config).name, "train.py"]
+        ),
+    )
 
 
 # --- figure 6 ----------------------------------------------------------------------------
+
 
 class PeakMemory:
     """Peak memory of this process's descendants (the kernel and its workers), sampled every
@@ -555,8 +712,17 @@ def tutorials(s: Settings, work: Path) -> list[Figure]:
     notebooks = sorted((ROOT / "notebooks").glob(f"{s.notebooks}.ipynb"))
     if not notebooks:
         log("figure 6: no notebook in notebooks/")
-        return [Figure("6_tutorials", "6 tutorials: none found", None, at_most(1.0), 0, "",
-                       details={"note": "notebooks/ holds no .ipynb"})]
+        return [
+            Figure(
+                "6_tutorials",
+                "6 tutorials: none found",
+                None,
+                at_most(1.0),
+                0,
+                "",
+                details={"note": "notebooks/ holds no .ipynb"},
+            )
+        ]
     figures = []
     for path in notebooks:
         log(f"figure 6: {path.name}")
@@ -565,8 +731,12 @@ def tutorials(s: Settings, work: Path) -> list[Figure]:
         started = time.perf_counter()
         with benchmark_kernel(work / "jupyter") as kernel, PeakMemory() as memory:
             try:
-                NotebookClient(nb, kernel_name=kernel, timeout=s.notebook_cell_timeout_s,
-                               resources={"metadata": {"path": str(path.parent)}}).execute()
+                NotebookClient(
+                    nb,
+                    kernel_name=kernel,
+                    timeout=s.notebook_cell_timeout_s,
+                    resources={"metadata": {"path": str(path.parent)}},
+                ).execute()
             except Exception as exc:  # a failing tutorial is a result too
                 text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # no terminal colours
                 error = f"{type(exc).__name__}: {text[-400:]}"
@@ -574,10 +744,30 @@ def tutorials(s: Settings, work: Path) -> list[Figure]:
         gib = memory.peak / 2**30
         details = {"seconds": round(seconds, 1), "peak_gib": round(gib, 3), "error": error}
         checks = {"ran_without_error": error is None}
-        figures.append(Figure(f"6_{path.stem}_time", f"6 {path.stem}: minutes / 5", seconds / 300, at_most(1.0), 1,
-                              "fraction of 5 minutes", details=details, checks=checks))
-        figures.append(Figure(f"6_{path.stem}_memory", f"6 {path.stem}: GiB / 2", gib / 2, at_most(1.0), 1,
-                              "fraction of 2 GiB", details=details, checks=checks))
+        figures.append(
+            Figure(
+                f"6_{path.stem}_time",
+                f"6 {path.stem}: minutes / 5",
+                seconds / 300,
+                at_most(1.0),
+                1,
+                "fraction of 5 minutes",
+                details=details,
+                checks=checks,
+            )
+        )
+        figures.append(
+            Figure(
+                f"6_{path.stem}_memory",
+                f"6 {path.stem}: GiB / 2",
+                gib / 2,
+                at_most(1.0),
+                1,
+                "fraction of 2 GiB",
+                details=details,
+                checks=checks,
+            )
+        )
     return figures
 
 
@@ -602,8 +792,16 @@ def run_figure(number: int, s: Settings, work: Path) -> list[Figure]:
     except Exception as exc:
         log(f"figure {number} failed: {type(exc).__name__}: {exc}")
         traceback.print_exc()
-        figures = [Figure(f"{number}_error", f"{number} FAILED", None, Goal(), 0,
-                          details={"error": f"{type(exc).__name__}: {exc}"})]
+        figures = [
+            Figure(
+                f"{number}_error",
+                f"{number} FAILED",
+                None,
+                Goal(),
+                0,
+                details={"error": f"{type(exc).__name__}: {exc}"},
+            )
+        ]
     after = load_average()
     for f in figures:
         f.load_before, f.load_after = before, after
@@ -613,14 +811,21 @@ def run_figure(number: int, s: Settings, work: Path) -> list[Figure]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models, 1 repeat, few steps: checks the harness, "
-                                                             "not the speed")
-    parser.add_argument("--notebooks", nargs="?", const="*", metavar="GLOB",
-                        help="also run figure 6, the tutorial notebooks (slow); GLOB picks some, e.g. '02_*'")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny models, 1 repeat, few steps: checks the harness, not the speed"
+    )
+    parser.add_argument(
+        "--notebooks",
+        nargs="?",
+        const="*",
+        metavar="GLOB",
+        help="also run figure 6, the tutorial notebooks (slow); GLOB picks some, e.g. '02_*'",
+    )
     parser.add_argument("--only", metavar="N[,N]", help="run only these figures, e.g. --only 1,3")
     parser.add_argument("--repeats", type=int, metavar="N", help="A/B pairs per comparison (default 5; 1 with --quick)")
-    parser.add_argument("--out", metavar="DIR", default=str(RESULTS), help="folder for the results JSON "
-                                                                         "(default benchmarks/results)")
+    parser.add_argument(
+        "--out", metavar="DIR", default=str(RESULTS), help="folder for the results JSON (default benchmarks/results)"
+    )
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else Settings()
@@ -639,8 +844,14 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
 
     path = results_path(args.out, "cpu", "-quick" if args.quick else "")
-    write_results(path, device="cpu", settings={**asdict(settings), "figures_run": numbers, "quick": args.quick},
-                  figures=figures, load_before=load_before, load_after=load_after)
+    write_results(
+        path,
+        device="cpu",
+        settings={**asdict(settings), "figures_run": numbers, "quick": args.quick},
+        figures=figures,
+        load_before=load_before,
+        load_after=load_after,
+    )
     print()
     print(table(figures))
     print(f"\nload average (1, 5, 15 min): before {load_before}, after {load_after}")

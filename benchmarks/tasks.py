@@ -51,5 +51,10 @@ def mlp_task(shape: MlpShape, samples: int, forward=None, name: str = "bench-mlp
     """The nexa_nb.Task of an MLP regression; ``forward`` is usually a `StepClock`."""
     import nexa_nb
 
-    return nexa_nb.Task(functools.partial(mlp, shape.inputs, shape.hidden, shape.depth),
-                        regression_data(samples, shape.inputs), loss_fn=mse, forward=forward, name=name)
+    return nexa_nb.Task(
+        functools.partial(mlp, shape.inputs, shape.hidden, shape.depth),
+        regression_data(samples, shape.inputs),
+        loss_fn=mse,
+        forward=forward,
+        name=name,
+    )

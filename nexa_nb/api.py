@@ -33,16 +33,27 @@ class TrainResult:
 
     def __repr__(self) -> str:
         loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
-        return (f"TrainResult({self.status}, {len(self.history)} steps, final_loss={loss}, "
-                f"{self.distributed_type} x {self.num_processes}, checkpoint_dir={self.checkpoint_dir!r})")
+        return (
+            f"TrainResult({self.status}, {len(self.history)} steps, final_loss={loss}, "
+            f"{self.distributed_type} x {self.num_processes}, checkpoint_dir={self.checkpoint_dir!r})"
+        )
 
     @classmethod
     def from_outcome(cls, outcome, plan: Plan, task: Task) -> TrainResult:
         """The result of training `task` under `plan`, from the engine's `Outcome`."""
-        return cls(history=outcome.history, final_loss=outcome.final_loss, plan=plan,
-                   checkpoint_dir=outcome.checkpoint_dir, distributed_type=outcome.distributed_type,
-                   num_processes=outcome.num_processes, status=outcome.status, eval_metrics=outcome.eval_metrics,
-                   state_dict=outcome.state_dict, task=task, message=outcome.message)
+        return cls(
+            history=outcome.history,
+            final_loss=outcome.final_loss,
+            plan=plan,
+            checkpoint_dir=outcome.checkpoint_dir,
+            distributed_type=outcome.distributed_type,
+            num_processes=outcome.num_processes,
+            status=outcome.status,
+            eval_metrics=outcome.eval_metrics,
+            state_dict=outcome.state_dict,
+            task=task,
+            message=outcome.message,
+        )
 
     @property
     def losses(self) -> list[float]:
@@ -69,9 +80,15 @@ def last_result() -> TrainResult | None:
     return _last
 
 
-def train(task: Task, *, config: str | os.PathLike | None = None, session: Mapping[str, Any] | None = None,
-          sinks: Iterable | None = None, on_plan: Callable[[Plan], None] | None = None,
-          **options: Any) -> TrainResult:
+def train(
+    task: Task,
+    *,
+    config: str | os.PathLike | None = None,
+    session: Mapping[str, Any] | None = None,
+    sinks: Iterable | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    **options: Any,
+) -> TrainResult:
     """Train `task`; keyword options are `TrainConfig` fields (zero=3, precision="bf16", procs=2, ...).
 
     Options layer over ``config`` (an accelerate YAML or DeepSpeed JSON), the environment
@@ -117,14 +134,22 @@ def smaller_micro_batch(plan: Plan, rank: int | None, resume: str | None) -> Pla
         raise TrainingError(
             f"out of memory{where} at micro-batch 1; nothing left to split. Fix: --grad-ckpt, "
             "--zero 3 --offload cpu, more processes, a smaller model or shorter inputs",
-            worker_error="OutOfMemoryError")
+            worker_error="OutOfMemoryError",
+        )
     factor = next(f for f in range(2, micro + 1) if micro % f == 0)
-    cfg = replace(plan.config, batch_size=micro // factor, grad_accum=plan.grad_accum * factor, target_batch=None,
-                  resume=resume or plan.config.resume)
+    cfg = replace(
+        plan.config,
+        batch_size=micro // factor,
+        grad_accum=plan.grad_accum * factor,
+        target_batch=None,
+        resume=resume or plan.config.resume,
+    )
     smaller = make_plan(cfg, total_params=plan.total_params, largest_layer_params=plan.largest_layer_params)
-    note = (f"out of memory{where} at micro-batch {micro}: retrying with micro-batch {smaller.micro_batch} x "
-            f"accumulation {smaller.grad_accum} (effective batch {smaller.effective_batch}, unchanged)"
-            f"{', from ' + resume if resume else ''}")
+    note = (
+        f"out of memory{where} at micro-batch {micro}: retrying with micro-batch {smaller.micro_batch} x "
+        f"accumulation {smaller.grad_accum} (effective batch {smaller.effective_batch}, unchanged)"
+        f"{', from ' + resume if resume else ''}"
+    )
     return replace(smaller, notes=(*plan.notes, note))
 
 
@@ -141,8 +166,10 @@ def _newest(paths: set[str]) -> str | None:
 def prepare(task: Task, cfg: TrainConfig) -> Plan:
     """Check the task against the config in the kernel, and plan; nothing is started or written."""
     if not isinstance(task, Task):
-        raise TrainingError(f"expected a nexa_nb.Task, got {type(task).__name__}; "
-                            "wrap your model and data: task = nexa_nb.Task(model, train_data)")
+        raise TrainingError(
+            f"expected a nexa_nb.Task, got {type(task).__name__}; "
+            "wrap your model and data: task = nexa_nb.Task(model, train_data)"
+        )
     total, largest = _param_counts(task)
     plan = make_plan(cfg, total_params=total, largest_layer_params=largest)
     preflight(task, plan)
@@ -157,8 +184,10 @@ def _param_counts(task: Task) -> tuple[int | None, int | None]:
 
         return count_params(task.model)
     if not callable(task.model):
-        raise TrainingError(f"Task.model must be a torch.nn.Module or a function returning one, "
-                            f"got {type(task.model).__name__}; pass the model, or a function that builds it")
+        raise TrainingError(
+            f"Task.model must be a torch.nn.Module or a function returning one, "
+            f"got {type(task.model).__name__}; pass the model, or a function that builds it"
+        )
     return None, None
 
 
@@ -170,8 +199,10 @@ def preflight(task: Task, plan: Plan) -> None:
 
     data = task.train_data
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-        raise TrainingError(f"train_data must be a map-style dataset (with __len__ and __getitem__), "
-                            f"got {type(data).__name__}; wrap an iterable in a list or a torch Dataset")
+        raise TrainingError(
+            f"train_data must be a map-style dataset (with __len__ and __getitem__), "
+            f"got {type(data).__name__}; wrap an iterable in a list or a torch Dataset"
+        )
     if len(data) == 0:
         raise TrainingError("train_data is empty; give the task at least one batch of samples")
     steps_per_epoch(len(data), plan)
@@ -191,8 +222,9 @@ def _first_batch(task: Task, size: int):
     try:
         samples = [task.train_data[i] for i in range(size)]
     except Exception as exc:
-        raise TrainingError(f"reading train_data[0:{size}] failed ({type(exc).__name__}: {exc}); "
-                            "fix the dataset's __getitem__") from None
+        raise TrainingError(
+            f"reading train_data[0:{size}] failed ({type(exc).__name__}: {exc}); fix the dataset's __getitem__"
+        ) from None
     collate = task.collate_fn or default_collate
     try:
         batch = collate(samples)
@@ -200,7 +232,8 @@ def _first_batch(task: Task, size: int):
         raise TrainingError(
             f"collating {size} samples failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             f"samples are {type(samples[0]).__name__}: return tensors, numbers, or dicts/tuples of them, "
-            "or pass Task(collate_fn=...)") from None
+            "or pass Task(collate_fn=...)"
+        ) from None
 
     def ok(x) -> bool:
         if isinstance(x, torch.Tensor):
@@ -214,7 +247,8 @@ def _first_batch(task: Task, size: int):
     if not ok(batch):
         raise TrainingError(
             f"a batch must be a tensor or a dict/tuple of tensors, but the collate step gave "
-            f"{type(batch).__name__}; return tensors from the dataset or pass Task(collate_fn=...)")
+            f"{type(batch).__name__}; return tensors from the dataset or pass Task(collate_fn=...)"
+        )
     return batch
 
 
@@ -235,9 +269,11 @@ def _check_forward(task: Task, batch) -> None:
     except torch.OutOfMemoryError:
         pass  # the kernel's memory is not the workers' devices: the run adapts its micro-batch
     except Exception as exc:
-        raise TrainingError(f"the model's forward failed on the first batch ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check that the dataset's samples "
-                            "match the model's inputs, or pass Task(forward=...)") from None
+        raise TrainingError(
+            f"the model's forward failed on the first batch ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); check that the dataset's samples "
+            "match the model's inputs, or pass Task(forward=...)"
+        ) from None
     finally:
         model.train(was_training)
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from nexa_nb.settings import (
     FIELD_NAMES,
@@ -34,49 +35,117 @@ from nexa_nb.settings import (
     coerce,
 )
 
-__all__ = ["ConfigError", "TrainConfig", "FIELD_NAMES", "PRECISIONS", "OFFLOAD_DEVICES", "SCHEDULERS",
-           "LR_SCALING", "resolve_config", "validate", "read_config_file", "read_environment"]
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "FIELD_NAMES",
+    "PRECISIONS",
+    "OFFLOAD_DEVICES",
+    "SCHEDULERS",
+    "LR_SCALING",
+    "resolve_config",
+    "validate",
+    "read_config_file",
+    "read_environment",
+]
 
 
 # --- layer readers ----------------------------------------------------------------------
 
 # Keys that `accelerate config` writes and that do not change what a notebook run does.
 _ACCELERATE_IGNORED_KEYS = {
-    "compute_environment", "debug", "downcast_bf16", "enable_cpu_affinity", "machine_rank",
-    "main_training_function", "num_machines", "rdzv_backend", "same_network", "tpu_env",
-    "tpu_use_cluster", "tpu_use_sudo", "main_process_ip", "main_process_port", "gpu_ids",
-    "dynamo_config", "ipex_config", "mpirun_config", "megatron_lm_config", "tpu_name",
-    "tpu_zone", "tpu_vm", "commands", "command_file", "parallelism_config", "fp8_config",
+    "compute_environment",
+    "debug",
+    "downcast_bf16",
+    "enable_cpu_affinity",
+    "machine_rank",
+    "main_training_function",
+    "num_machines",
+    "rdzv_backend",
+    "same_network",
+    "tpu_env",
+    "tpu_use_cluster",
+    "tpu_use_sudo",
+    "main_process_ip",
+    "main_process_port",
+    "gpu_ids",
+    "dynamo_config",
+    "ipex_config",
+    "mpirun_config",
+    "megatron_lm_config",
+    "tpu_name",
+    "tpu_zone",
+    "tpu_vm",
+    "commands",
+    "command_file",
+    "parallelism_config",
+    "fp8_config",
 }
 _ACCELERATE_KEYS = _ACCELERATE_IGNORED_KEYS | {
-    "distributed_type", "mixed_precision", "num_processes", "use_cpu", "deepspeed_config",
-    "fsdp_config", "gradient_accumulation_steps", "gradient_checkpointing",
+    "distributed_type",
+    "mixed_precision",
+    "num_processes",
+    "use_cpu",
+    "deepspeed_config",
+    "fsdp_config",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
 }
 _DEEPSPEED_TOP_KEYS = {
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "optimizer", "scheduler", "fp16", "bf16", "zero_optimization", "gradient_clipping",
-    "steps_per_print", "wall_clock_breakdown", "activation_checkpointing", "flops_profiler",
-    "comms_logger", "tensorboard", "wandb", "csv_monitor", "zero_allow_untested_optimizer",
-    "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
-    "sparse_gradients", "amp", "aio", "data_efficiency", "compression_training", "checkpoint",
-    "elasticity", "autotuning", "dump_state", "zero_force_ds_cpu_optimizer",
-    "memory_breakdown", "torch_autocast", "data_types", "seq_parallel_communication_data_type",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "fp16",
+    "bf16",
+    "zero_optimization",
+    "gradient_clipping",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "activation_checkpointing",
+    "flops_profiler",
+    "comms_logger",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "zero_allow_untested_optimizer",
+    "communication_data_type",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "sparse_gradients",
+    "amp",
+    "aio",
+    "data_efficiency",
+    "compression_training",
+    "checkpoint",
+    "elasticity",
+    "autotuning",
+    "dump_state",
+    "zero_force_ds_cpu_optimizer",
+    "memory_breakdown",
+    "torch_autocast",
+    "data_types",
+    "seq_parallel_communication_data_type",
 }
 
 
 def _read_text(path: str | os.PathLike, what: str) -> str:
     p = Path(path).expanduser()
     if not p.exists():
-        raise ConfigError("config", f"{what} file {str(path)!r} does not exist",
-                          "check the path (it is relative to the notebook's working directory)")
+        raise ConfigError(
+            "config",
+            f"{what} file {str(path)!r} does not exist",
+            "check the path (it is relative to the notebook's working directory)",
+        )
     if p.is_dir():
-        raise ConfigError("config", f"{str(path)!r} is a folder, not a {what} file",
-                          "pass the file itself")
+        raise ConfigError("config", f"{str(path)!r} is a folder, not a {what} file", "pass the file itself")
     try:
         return p.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", f"cannot read {what} file {str(path)!r} ({exc})",
-                          "make the file readable, or pass another one") from None
+        raise ConfigError(
+            "config", f"cannot read {what} file {str(path)!r} ({exc})", "make the file readable, or pass another one"
+        ) from None
 
 
 def _is_auto(value) -> bool:
@@ -92,8 +161,11 @@ def _lookup(data: Mapping[str, Any], dotted: str, path) -> Any:
         data = data.get(section, {})
         if not isinstance(data, dict):
             where = ".".join(walked)
-            raise ConfigError("config", f"{str(path)!r}: {where} must be an object",
-                              f"write \"{where}\" as an object, as in the files in configs/")
+            raise ConfigError(
+                "config",
+                f"{str(path)!r}: {where} must be an object",
+                f'write "{where}" as an object, as in the files in configs/',
+            )
     return data.get(key)
 
 
@@ -103,11 +175,13 @@ def _file_value(name: str, value: Any, key: str, path) -> Any:
         return None
     kind = FIELDS[name].kind
     if kind is bool and not isinstance(value, bool):
-        raise ConfigError("config", f"{str(path)!r}: {key} must be true or false, got {value!r}",
-                          f"set {key} to true or false")
+        raise ConfigError(
+            "config", f"{str(path)!r}: {key} must be true or false, got {value!r}", f"set {key} to true or false"
+        )
     if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError("config", f"{str(path)!r}: {key} must be a number, got {value!r}",
-                          f"set {key} to a number or \"auto\"")
+        raise ConfigError(
+            "config", f"{str(path)!r}: {key} must be a number, got {value!r}", f'set {key} to a number or "auto"'
+        )
     return kind(value)
 
 
@@ -117,15 +191,24 @@ def read_deepspeed_json(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ds = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError("config", f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})",
-                          "fix the JSON syntax (DeepSpeed configs allow no comments)") from None
+        raise ConfigError(
+            "config",
+            f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})",
+            "fix the JSON syntax (DeepSpeed configs allow no comments)",
+        ) from None
     if not isinstance(ds, dict):
-        raise ConfigError("config", f"{str(path)!r} holds a {type(ds).__name__}, not a JSON object",
-                          "a DeepSpeed config is a JSON object such as {\"zero_optimization\": {\"stage\": 2}}")
+        raise ConfigError(
+            "config",
+            f"{str(path)!r} holds a {type(ds).__name__}, not a JSON object",
+            'a DeepSpeed config is a JSON object such as {"zero_optimization": {"stage": 2}}',
+        )
     unknown = sorted(set(ds) - _DEEPSPEED_TOP_KEYS)
     if unknown:
-        raise ConfigError("config", f"{str(path)!r} has unknown DeepSpeed key(s) {', '.join(unknown)}",
-                          "remove or correct them (see the DeepSpeed config reference)")
+        raise ConfigError(
+            "config",
+            f"{str(path)!r} has unknown DeepSpeed key(s) {', '.join(unknown)}",
+            "remove or correct them (see the DeepSpeed config reference)",
+        )
     out: dict[str, Any] = {}
     for f in FIELDS.values():
         key = f.meta.deepspeed_key
@@ -161,21 +244,31 @@ def read_accelerate_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], str |
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("config", f"{str(path)!r} is not valid YAML ({str(exc).splitlines()[0]})",
-                          "fix the YAML syntax, or regenerate the file with `accelerate config`") from None
+        raise ConfigError(
+            "config",
+            f"{str(path)!r} is not valid YAML ({str(exc).splitlines()[0]})",
+            "fix the YAML syntax, or regenerate the file with `accelerate config`",
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError("config", f"{str(path)!r} holds a {type(data).__name__}, not a mapping",
-                          "an accelerate config is a YAML mapping such as `mixed_precision: bf16`")
+        raise ConfigError(
+            "config",
+            f"{str(path)!r} holds a {type(data).__name__}, not a mapping",
+            "an accelerate config is a YAML mapping such as `mixed_precision: bf16`",
+        )
     unknown = sorted(set(data) - _ACCELERATE_KEYS)
     if unknown:
-        raise ConfigError("config", f"{str(path)!r} has unknown key(s) {', '.join(unknown)}",
-                          "remove or correct them (compare with a file written by `accelerate config`)")
+        raise ConfigError(
+            "config",
+            f"{str(path)!r} has unknown key(s) {', '.join(unknown)}",
+            "remove or correct them (compare with a file written by `accelerate config`)",
+        )
     dist = str(data.get("distributed_type", "NO")).upper()
     if dist == "DEEPSPEED" and not isinstance(data.get("deepspeed_config") or {}, dict):
-        raise ConfigError("config", f"{str(path)!r}: deepspeed_config must be a mapping",
-                          "write deepspeed_config: {zero_stage: 2}")
+        raise ConfigError(
+            "config", f"{str(path)!r}: deepspeed_config must be a mapping", "write deepspeed_config: {zero_stage: 2}"
+        )
     out: dict[str, Any] = {}
     for f in FIELDS.values():
         for key in f.meta.accelerate_keys:
@@ -222,8 +315,11 @@ def read_config_file(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]
         if ds_file:
             layers.append((ds_file, read_deepspeed_json(ds_file)))
         return layers
-    raise ConfigError("config", f"{str(path)!r} is neither .yaml/.yml (accelerate) nor .json (DeepSpeed)",
-                      "pass an accelerate config YAML or a DeepSpeed JSON, like the files in configs/")
+    raise ConfigError(
+        "config",
+        f"{str(path)!r} is neither .yaml/.yml (accelerate) nor .json (DeepSpeed)",
+        "pass an accelerate config YAML or a DeepSpeed JSON, like the files in configs/",
+    )
 
 
 def _env_bool(variable: str, raw: str) -> bool:
@@ -232,16 +328,18 @@ def _env_bool(variable: str, raw: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"env {variable}", f"{raw!r} is not a boolean",
-                      f"set {variable}=true or {variable}=false, or unset it")
+    raise ConfigError(
+        f"env {variable}", f"{raw!r} is not a boolean", f"set {variable}=true or {variable}=false, or unset it"
+    )
 
 
 def _env_int(variable: str, raw: str) -> int:
     try:
         return int(raw.strip())
     except ValueError:
-        raise ConfigError(f"env {variable}", f"{raw!r} is not an integer",
-                          f"set {variable} to a whole number, or unset it") from None
+        raise ConfigError(
+            f"env {variable}", f"{raw!r} is not an integer", f"set {variable} to a whole number, or unset it"
+        ) from None
 
 
 def _env_value(name: str, variable: str, raw: str) -> Any:
@@ -276,6 +374,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> list[tuple[str
 
 
 # --- resolution and validation ----------------------------------------------------------
+
 
 def resolve_config(
     *,
@@ -322,46 +421,89 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(name, problem + src(name), fix)
 
     # DeepSpeed and FSDP
-    need(not (cfg.fsdp and cfg.zero is not None), "fsdp", "FSDP and DeepSpeed ZeRO cannot be combined",
-         "choose one: drop --zero for FSDP, or drop fsdp for ZeRO")
-    need(cfg.offload_optimizer == "none" or (cfg.zero or 0) >= 1, "offload_optimizer",
-         f"optimizer offload needs ZeRO stage 1, 2 or 3 (stage is {cfg.zero})", "pass --zero 2 (or 3) with --offload")
-    need(cfg.offload_param == "none" or cfg.zero == 3, "offload_param",
-         f"parameter offload needs ZeRO stage 3 (stage is {cfg.zero})", "pass --zero 3, or drop parameter offload")
+    need(
+        not (cfg.fsdp and cfg.zero is not None),
+        "fsdp",
+        "FSDP and DeepSpeed ZeRO cannot be combined",
+        "choose one: drop --zero for FSDP, or drop fsdp for ZeRO",
+    )
+    need(
+        cfg.offload_optimizer == "none" or (cfg.zero or 0) >= 1,
+        "offload_optimizer",
+        f"optimizer offload needs ZeRO stage 1, 2 or 3 (stage is {cfg.zero})",
+        "pass --zero 2 (or 3) with --offload",
+    )
+    need(
+        cfg.offload_param == "none" or cfg.zero == 3,
+        "offload_param",
+        f"parameter offload needs ZeRO stage 3 (stage is {cfg.zero})",
+        "pass --zero 3, or drop parameter offload",
+    )
     if "nvme" in (cfg.offload_optimizer, cfg.offload_param):
-        need(cfg.nvme_path is not None, "nvme_path", "NVMe offload needs a folder",
-             "pass --nvme-path DIR (a local, writable folder)")
-        need(Path(cfg.nvme_path).is_dir(), "nvme_path", f"{cfg.nvme_path!r} is not an existing folder",
-             "create it or pass another --nvme-path")
-        need(os.access(cfg.nvme_path, os.W_OK), "nvme_path", f"{cfg.nvme_path!r} is not writable",
-             "pass a folder you can write to")
+        need(
+            cfg.nvme_path is not None,
+            "nvme_path",
+            "NVMe offload needs a folder",
+            "pass --nvme-path DIR (a local, writable folder)",
+        )
+        need(
+            Path(cfg.nvme_path).is_dir(),
+            "nvme_path",
+            f"{cfg.nvme_path!r} is not an existing folder",
+            "create it or pass another --nvme-path",
+        )
+        need(
+            os.access(cfg.nvme_path, os.W_OK),
+            "nvme_path",
+            f"{cfg.nvme_path!r} is not writable",
+            "pass a folder you can write to",
+        )
 
     # batch arithmetic
     if cfg.target_batch is not None:
         world = cfg.procs * cfg.num_machines
         per_step = cfg.batch_size * world
-        need(cfg.target_batch >= per_step and cfg.target_batch % per_step == 0, "target_batch",
-             f"{cfg.target_batch} is not a multiple of batch_size x processes = {cfg.batch_size} x {world} = {per_step}",
-             f"pass --target-batch {max(per_step, cfg.target_batch // per_step * per_step)} or change --batch-size")
+        need(
+            cfg.target_batch >= per_step and cfg.target_batch % per_step == 0,
+            "target_batch",
+            f"{cfg.target_batch} is not a multiple of batch_size x processes = {cfg.batch_size} x {world} = {per_step}",
+            f"pass --target-batch {max(per_step, cfg.target_batch // per_step * per_step)} or change --batch-size",
+        )
         derived = cfg.target_batch // per_step
         # a grad_accum from an earlier layer (say an accelerate YAML) gives way to the target batch
-        earlier = cfg.source_of("grad_accum") == "default" or \
-            _layer_rank(cfg.source_of("grad_accum")) < _layer_rank(cfg.source_of("target_batch"))
-        need(earlier or cfg.grad_accum == derived, "grad_accum",
-             f"--grad-accum {cfg.grad_accum} contradicts --target-batch {cfg.target_batch} "
-             f"(which needs {derived} with batch {cfg.batch_size} x {world} processes)",
-             "pass only one of --grad-accum and --target-batch")
+        earlier = cfg.source_of("grad_accum") == "default" or _layer_rank(cfg.source_of("grad_accum")) < _layer_rank(
+            cfg.source_of("target_batch")
+        )
+        need(
+            earlier or cfg.grad_accum == derived,
+            "grad_accum",
+            f"--grad-accum {cfg.grad_accum} contradicts --target-batch {cfg.target_batch} "
+            f"(which needs {derived} with batch {cfg.batch_size} x {world} processes)",
+            "pass only one of --grad-accum and --target-batch",
+        )
 
     # checkpoints
-    need(cfg.ckpt_every is None or cfg.ckpt_dir is not None, "ckpt_every", "a checkpoint interval needs a folder",
-         "pass --ckpt-dir DIR as well")
-    need(cfg.resume != "latest" or cfg.ckpt_dir is not None, "resume", "resume='latest' needs a checkpoint folder",
-         "pass --ckpt-dir DIR, or --resume with a checkpoint path")
+    need(
+        cfg.ckpt_every is None or cfg.ckpt_dir is not None,
+        "ckpt_every",
+        "a checkpoint interval needs a folder",
+        "pass --ckpt-dir DIR as well",
+    )
+    need(
+        cfg.resume != "latest" or cfg.ckpt_dir is not None,
+        "resume",
+        "resume='latest' needs a checkpoint folder",
+        "pass --ckpt-dir DIR, or --resume with a checkpoint path",
+    )
     if cfg.ckpt_dir is not None:
         _check_writable_dir(cfg.ckpt_dir, "ckpt_dir", "--ckpt-dir")
     if cfg.resume is not None and cfg.resume != "latest":
-        need(Path(cfg.resume).is_dir(), "resume", f"checkpoint {cfg.resume!r} does not exist",
-             "pass a folder written by a previous run (ckpt_dir/step-0000010), or 'latest'")
+        need(
+            Path(cfg.resume).is_dir(),
+            "resume",
+            f"checkpoint {cfg.resume!r} does not exist",
+            "pass a folder written by a previous run (ckpt_dir/step-0000010), or 'latest'",
+        )
 
 
 def _layer_rank(source: str) -> int:
@@ -382,5 +524,6 @@ def _check_writable_dir(path: str, name: str, flag: str) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(name, f"{path!r} cannot be written ({probe} is not writable)",
-                          f"pass a writable folder to {flag}")
+        raise ConfigError(
+            name, f"{path!r} cannot be written ({probe} is not writable)", f"pass a writable folder to {flag}"
+        )

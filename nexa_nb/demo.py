@@ -32,12 +32,23 @@ def regression_task(n: int = 512, dim: int = 16, seed: int = 0):
 def main() -> int:
     from nexa_nb import train
 
-    result = train(regression_task(), zero=3, precision="fp16", procs=2, batch_size=16, grad_accum=2,
-                   max_steps=40, lr=2e-2, warmup_steps=4, scheduler="cosine")
+    result = train(
+        regression_task(),
+        zero=3,
+        precision="fp16",
+        procs=2,
+        batch_size=16,
+        grad_accum=2,
+        max_steps=40,
+        lr=2e-2,
+        warmup_steps=4,
+        scheduler="cosine",
+    )
     print(result.plan.describe())
     first, last = result.losses[0], result.final_loss
-    print(f"final loss {last:.4f} (first step {first:.4f}) on {result.num_processes} processes, "
-          f"{result.distributed_type}")
+    print(
+        f"final loss {last:.4f} (first step {first:.4f}) on {result.num_processes} processes, {result.distributed_type}"
+    )
     return 0 if last < first else 1
 
 

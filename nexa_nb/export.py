@@ -69,6 +69,7 @@ class ExportedFiles:
 
 # --- accelerate config ------------------------------------------------------------------
 
+
 def _launch_type(plan: Plan, world: int) -> str:
     """The distributed_type that makes ``accelerate launch`` start `world` processes."""
     if plan.uses_deepspeed:
@@ -120,18 +121,24 @@ def accelerate_yaml(config: TrainConfig, *, num_machines: int = 1) -> str:
             ds["offload_param_nvme_path"] = config.nvme_path
         data["deepspeed_config"] = ds
 
-    backend = {"DEEPSPEED": f"DeepSpeed ZeRO-{config.zero}", "FSDP": "FSDP", "MULTI_GPU": "Data parallel",
-               "NO": "Single process"}[dist]
+    backend = {
+        "DEEPSPEED": f"DeepSpeed ZeRO-{config.zero}",
+        "FSDP": "FSDP",
+        "MULTI_GPU": "Data parallel",
+        "NO": "Single process",
+    }[dist]
     precision = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[plan.precision]
     count = f"{config.procs} {plan.device.upper()} process{'es' if config.procs > 1 else ''}"
     if num_machines > 1:
         count = f"{num_machines} machines x {count}"
     header = [f"# {backend}, {precision}: {count}. Written by nexa_nb with the keys `accelerate config` writes."]
     if dist == "MULTI_GPU" and plan.device == "cpu":
-        header += ["# CPU processes: MULTI_GPU with use_cpu makes `accelerate launch` start them with torchrun",
-                   "# (MULTI_CPU would start one process without mpirun). accelerate launch does not tell the",
-                   "# workers to use the CPU: nexa_nb's script builds Accelerator(cpu=True); for a script of",
-                   "# your own, run `ACCELERATE_USE_CPU=1 accelerate launch ...`, or each process trains alone."]
+        header += [
+            "# CPU processes: MULTI_GPU with use_cpu makes `accelerate launch` start them with torchrun",
+            "# (MULTI_CPU would start one process without mpirun). accelerate launch does not tell the",
+            "# workers to use the CPU: nexa_nb's script builds Accelerator(cpu=True); for a script of",
+            "# your own, run `ACCELERATE_USE_CPU=1 accelerate launch ...`, or each process trains alone.",
+        ]
     return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=True)
 
 
@@ -143,6 +150,7 @@ def save_accelerate_config(config: TrainConfig, path: str | os.PathLike) -> str:
 
 # --- how each part of the task travels ----------------------------------------------------
 
+
 def _attribute(module_name: str, dotted: str) -> Any:
     """``module.a.b`` for ``dotted == "a.b"``."""
     obj = sys.modules[module_name]
@@ -152,8 +160,12 @@ def _attribute(module_name: str, dotted: str) -> Any:
 
 
 def _importable_module(name: str | None) -> bool:
-    return (bool(name) and name not in ("__main__", "__mp_main__", "builtins") and name in sys.modules
-            and all(part.isidentifier() for part in name.split(".")))
+    return (
+        bool(name)
+        and name not in ("__main__", "__mp_main__", "builtins")
+        and name in sys.modules
+        and all(part.isidentifier() for part in name.split("."))
+    )
 
 
 def _code_reference(obj: Any) -> tuple[str, str] | None:
@@ -248,6 +260,7 @@ def _describe(value: Any) -> str:
 
 # --- unserialisable tasks ------------------------------------------------------------------
 
+
 def _parts(obj: Any) -> list[tuple[str, Any]]:
     """The named parts that pickling `obj` saves too: items, attributes, a function's variables."""
     if isinstance(obj, dict):
@@ -293,7 +306,8 @@ def _unserialisable(task_var: str, by_value: dict[str, Any], error: BaseExceptio
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return TrainingError(
         f"cannot export the task: {where}{what} cannot be saved ({type(error).__name__}: {reason}); "
-        "define it in a module, where the script can import it, or make the task's data a list or a torch Dataset")
+        "define it in a module, where the script can import it, or make the task's data a list or a torch Dataset"
+    )
 
 
 # --- secrets and files -----------------------------------------------------------------------
@@ -310,7 +324,8 @@ def _check_no_secrets(files: dict[Path, bytes]) -> None:
             if value.encode() in data:
                 raise TrainingError(
                     f"cannot export the task: the value of ${name} would be written into {path.name}; "
-                    "read it from os.environ inside your code instead of storing it in the task")
+                    "read it from os.environ inside your code instead of storing it in the task"
+                )
 
 
 def _write_all(files: dict[Path, bytes]) -> None:
@@ -387,8 +402,11 @@ if __name__ == "__main__":
 
 def _load_task_source(references: dict[str, tuple[str, str]], name: str, task_file: str | None) -> str:
     """The body of the script's ``load_task``."""
-    lines = ['    """The task: imported where it comes from a module, the rest from its pickle."""'
-             if task_file else '    """The task, imported from the modules that define it."""']
+    lines = [
+        '    """The task: imported where it comes from a module, the rest from its pickle."""'
+        if task_file
+        else '    """The task, imported from the modules that define it."""'
+    ]
     lines += [f"    import {module}" for module in sorted({module for module, _ in references.values()})]
     arguments = [f"{field}={module}.{attr}" for field, (module, attr) in references.items()] + [f"name={name!r}"]
     if task_file:
@@ -402,24 +420,42 @@ def _load_task_source(references: dict[str, tuple[str, str]], name: str, task_fi
     return "\n".join(lines)
 
 
-def _script(task: Task, task_var: str, config: TrainConfig, command: str,
-            references: dict[str, tuple[str, str]], task_file: str | None) -> str:
+def _script(
+    task: Task,
+    task_var: str,
+    config: TrainConfig,
+    command: str,
+    references: dict[str, tuple[str, str]],
+    task_file: str | None,
+) -> str:
     import torch
 
     from nexa_nb import __version__
 
-    imports = ["import argparse", "import json", "import os", "from pathlib import Path",
-               *(["", "import torch"] if task_file else [])]
-    versions = (f"{__version__} (torch {torch.__version__}, cloudpickle {cloudpickle.__version__}, "
-                f"Python {platform.python_version()})")
+    imports = [
+        "import argparse",
+        "import json",
+        "import os",
+        "from pathlib import Path",
+        *(["", "import torch"] if task_file else []),
+    ]
+    versions = (
+        f"{__version__} (torch {torch.__version__}, cloudpickle {cloudpickle.__version__}, "
+        f"Python {platform.python_version()})"
+    )
     values = config.as_dict()
     if config.target_batch is not None:
         del values["grad_accum"]  # derived from target_batch for the world the script runs in
     config_literal = pprint.pformat(values, sort_dicts=False, width=100)
     return _SCRIPT.substitute(
-        name=json.dumps(task.name), task_var=task_var, command=command, versions=versions, imports="\n".join(imports),
+        name=json.dumps(task.name),
+        task_var=task_var,
+        command=command,
+        versions=versions,
+        imports="\n".join(imports),
         config=config_literal.replace("\n", "\n" + " " * len("CONFIG = ")),
-        load_task=_load_task_source(references, task.name, task_file))
+        load_task=_load_task_source(references, task.name, task_file),
+    )
 
 
 def _required_modules(names: set[str]) -> list[str]:
@@ -428,8 +464,14 @@ def _required_modules(names: set[str]) -> list[str]:
     return sorted(t for t in tops if t not in sys.stdlib_module_names and t not in ("builtins", "__main__"))
 
 
-def export_script(task: Task, config: TrainConfig, script_path: str | os.PathLike, *, task_var: str = "task",
-                  accelerate_config_path: str | os.PathLike | None = None) -> ExportedFiles:
+def export_script(
+    task: Task,
+    config: TrainConfig,
+    script_path: str | os.PathLike,
+    *,
+    task_var: str = "task",
+    accelerate_config_path: str | os.PathLike | None = None,
+) -> ExportedFiles:
     """Write a script that trains `task` with `config` under ``accelerate launch`` as the
     notebook does, its accelerate config, and the parts of the task passed by value.
 
@@ -443,12 +485,15 @@ def export_script(task: Task, config: TrainConfig, script_path: str | os.PathLik
     if not task_var.isidentifier():
         raise TrainingError(f"task_var must be a Python name, got {task_var!r}")
     script = Path(script_path)
-    yaml_path = (Path(accelerate_config_path) if accelerate_config_path is not None
-                 else script.with_suffix(".accelerate.yaml"))
+    yaml_path = (
+        Path(accelerate_config_path) if accelerate_config_path is not None else script.with_suffix(".accelerate.yaml")
+    )
     pkl_path = script.with_suffix(".task.pkl")
     if script.stem in {name.split(".")[0] for name in sys.modules}:
-        raise TrainingError(f"cannot export the task: a script named {script.name} would be imported instead of "
-                            f"the module {script.stem!r} when it runs; give the script another name")
+        raise TrainingError(
+            f"cannot export the task: a script named {script.name} would be imported instead of "
+            f"the module {script.stem!r} when it runs; give the script another name"
+        )
     plan = make_plan(config)
 
     references: dict[str, tuple[str, str]] = {}
@@ -479,39 +524,66 @@ def export_script(task: Task, config: TrainConfig, script_path: str | os.PathLik
     _check_no_secrets(files)
     _write_all(files)
 
-    explanation = _explain(task_var, config, plan, script, yaml_path, task_file, references, by_value,
-                           _required_modules(modules), command)
-    return ExportedFiles(script=str(script), accelerate_config=str(yaml_path),
-                         task_file=str(task_file) if task_file else None, command=command, explanation=explanation)
+    explanation = _explain(
+        task_var, config, plan, script, yaml_path, task_file, references, by_value, _required_modules(modules), command
+    )
+    return ExportedFiles(
+        script=str(script),
+        accelerate_config=str(yaml_path),
+        task_file=str(task_file) if task_file else None,
+        command=command,
+        explanation=explanation,
+    )
 
 
-def _explain(task_var: str, config: TrainConfig, plan: Plan, script: Path, yaml_path: Path, task_file: Path | None,
-             references: dict[str, tuple[str, str]], by_value: dict[str, Any], modules: list[str], command: str) -> str:
-    lines = [f"Exported {task_var} ({plan.describe().splitlines()[0]}) for accelerate launch:",
-             f"  {script}: the script; {yaml_path}: its accelerate config"
-             + (f"; {task_file}: the parts of the task passed by value" if task_file else "") + ".",
-             "How the task travels:"]
+def _explain(
+    task_var: str,
+    config: TrainConfig,
+    plan: Plan,
+    script: Path,
+    yaml_path: Path,
+    task_file: Path | None,
+    references: dict[str, tuple[str, str]],
+    by_value: dict[str, Any],
+    modules: list[str],
+    command: str,
+) -> str:
+    lines = [
+        f"Exported {task_var} ({plan.describe().splitlines()[0]}) for accelerate launch:",
+        f"  {script}: the script; {yaml_path}: its accelerate config"
+        + (f"; {task_file}: the parts of the task passed by value" if task_file else "")
+        + ".",
+        "How the task travels:",
+    ]
     lines += [f"  {field}: by reference, imported as {module}.{attr}" for field, (module, attr) in references.items()]
     lines += [f"  {field}: by value, {_describe(value)}" for field, value in by_value.items()]
     if modules:
-        lines.append(f"  Loading it imports {', '.join(modules)}: these must be importable where the script runs "
-                     "(installed, or on PYTHONPATH), at the versions used here.")
+        lines.append(
+            f"  Loading it imports {', '.join(modules)}: these must be importable where the script runs "
+            "(installed, or on PYTHONPATH), at the versions used here."
+        )
     if task_file:
-        lines.append(f"  {task_file.name} is written by torch.save with cloudpickle: it holds code as well as data, "
-                     "so load it only from a trusted source, with the same versions of Python, torch, nexa_nb and "
-                     "cloudpickle.")
+        lines.append(
+            f"  {task_file.name} is written by torch.save with cloudpickle: it holds code as well as data, "
+            "so load it only from a trusted source, with the same versions of Python, torch, nexa_nb and "
+            "cloudpickle."
+        )
     # A one-process config says NO, which accelerate launch starts as a single process anywhere.
     multi = " --multi_gpu" if _launch_type(plan, 2 * config.procs) != _launch_type(plan, config.procs) else ""
     lines += [
         f"Run on this machine: {command}",
         "  (the script's --history-out FILE keeps the losses as JSON).",
         "On 2 machines, each with the script, its files and the same packages, run on machine R = 0 and R = 1:",
-        (f"  accelerate launch --config_file {shlex.quote(str(yaml_path))}{multi} --num_machines 2 "
-         f"--num_processes {2 * config.procs} --machine_rank R --main_process_ip IP --main_process_port P "
-         f"{shlex.quote(str(script))}"),
+        (
+            f"  accelerate launch --config_file {shlex.quote(str(yaml_path))}{multi} --num_machines 2 "
+            f"--num_processes {2 * config.procs} --machine_rank R --main_process_ip IP --main_process_port P "
+            f"{shlex.quote(str(script))}"
+        ),
         "  with IP and P the address and a free port of machine 0; --num_processes counts all machines' processes.",
-        ("The script plans for the processes it is launched with: the effective batch grows with their number "
-         "unless target_batch is set."),
+        (
+            "The script plans for the processes it is launched with: the effective batch grows with their number "
+            "unless target_batch is set."
+        ),
         "No environment variable is written into these files: set tracker tokens and the like on each machine.",
     ]
     return "\n".join(lines)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import shlex
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import ArgDecorator, argument, argument_group, real_name
@@ -79,8 +80,13 @@ class _Exclusive(ArgDecorator):
             exclusive.add_argument(f.flag, *f.meta.aliases, dest=f.name, choices=f.meta.choices, help=_help(f))
         for flag, value in f.meta.shortcuts:
             label = flag.removeprefix("--")
-            exclusive.add_argument(flag, dest=f.name, action="store_const", const=value,
-                                   help=f"{label} {f.meta.help.split(':')[0]} ({f.name}={value!r}).")
+            exclusive.add_argument(
+                flag,
+                dest=f.name,
+                action="store_const",
+                const=value,
+                help=f"{label} {f.meta.help.split(':')[0]} ({f.name}={value!r}).",
+            )
 
 
 def _help(f: Field) -> str:
@@ -111,8 +117,13 @@ def _decorators() -> list[ArgDecorator]:
             decorators.append(argument_group(group))
             decorators += [_argument(f) for f in with_flags]
     decorators.append(argument_group("files"))
-    decorators.append(argument("--config", metavar="FILE", help="accelerate config YAML or DeepSpeed JSON, "
-                                                                "layered under the flags (config=)."))
+    decorators.append(
+        argument(
+            "--config",
+            metavar="FILE",
+            help="accelerate config YAML or DeepSpeed JSON, layered under the flags (config=).",
+        )
+    )
     return decorators
 
 
@@ -129,11 +140,15 @@ def config_flags(func):
 
 def options_of(args) -> dict[str, Any]:
     """The flags typed, as `TrainConfig` fields: the "argument" layer of the configuration."""
-    return {name: None if value is TYPED_NONE else value for name, value in vars(args).items()
-            if name in FIELD_NAMES and value is not None}
+    return {
+        name: None if value is TYPED_NONE else value
+        for name, value in vars(args).items()
+        if name in FIELD_NAMES and value is not None
+    }
 
 
 # --- the %nexa_train line of some options ----------------------------------------------------
+
 
 def _word(value) -> str:
     """A flag's value as typed: quoted only when it holds a space, which could not be typed otherwise."""

@@ -53,7 +53,10 @@ def _query_nvidia_smi() -> tuple[Gpu, ...]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
@@ -106,7 +109,9 @@ def probe() -> Hardware:
 
     gpus = _query_nvidia_smi()
     vm = psutil.virtual_memory()
-    bf16 = bool(gpus) and all(g.compute_capability >= 8.0 for g in gpus)  # bf16 tensor cores arrived with Ampere (sm_80)
+    bf16 = bool(gpus) and all(
+        g.compute_capability >= 8.0 for g in gpus
+    )  # bf16 tensor cores arrived with Ampere (sm_80)
     return Hardware(
         gpus=gpus,
         cpu_cores=usable_cores(),

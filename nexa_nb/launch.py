@@ -96,7 +96,8 @@ def refuse_if_cuda_initialised(plan: Plan) -> None:
     raise TrainingError(
         f"CUDA is already initialised in this kernel{culprit}, so {plan.procs} worker processes cannot be forked. "
         "Fix: restart the kernel and keep every CUDA call (model.cuda(), torch.cuda.*, imports such as "
-        "bitsandbytes) inside the task's model factory, or pass --procs 1")
+        "bitsandbytes) inside the task's model factory, or pass --procs 1"
+    )
 
 
 def release_openmp_threads() -> None:
@@ -126,7 +127,8 @@ def refuse_if_accelerator_in_kernel() -> None:
     if state is not None and state.AcceleratorState._shared_state:
         raise TrainingError(
             "an accelerate Accelerator (or AcceleratorState) was created in this kernel; nexa_nb builds its own "
-            "inside each worker. Fix: restart the kernel and remove Accelerator() from your cells")
+            "inside each worker. Fix: restart the kernel and remove Accelerator() from your cells"
+        )
 
 
 @contextmanager
@@ -151,9 +153,18 @@ def _fork_one(worker, args, port: int) -> None:
     """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1, run_id="nexa_nb",
-                          rdzv_endpoint=f"127.0.0.1:{port}", rdzv_backend="static", rdzv_configs={"rank": 0},
-                          max_restarts=0, monitor_interval=0.1, start_method="fork")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=1,
+        run_id="nexa_nb",
+        rdzv_endpoint=f"127.0.0.1:{port}",
+        rdzv_backend="static",
+        rdzv_configs={"rank": 0},
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="fork",
+    )
     elastic_launch(config=config, entrypoint=worker)(*args)
 
 
@@ -172,8 +183,7 @@ def native_output_to(path: str) -> None:
             writes_to_fd = False
         if writes_to_fd:
             stream.flush()
-            setattr(sys, name, os.fdopen(os.dup(fd), "w", buffering=1, encoding=stream.encoding,
-                                         errors=stream.errors))
+            setattr(sys, name, os.fdopen(os.dup(fd), "w", buffering=1, encoding=stream.encoding, errors=stream.errors))
         os.dup2(log, fd)
     os.close(log)
 
@@ -362,8 +372,9 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
                     _fork_one(_worker, args, port)
                 else:
                     with redirect_stdout(_WithoutLaunchBanner(sys.stdout)):
-                        notebook_launcher(_worker, args=args, num_processes=plan.procs,
-                                          use_port=str(port), master_addr="127.0.0.1")
+                        notebook_launcher(
+                            _worker, args=args, num_processes=plan.procs, use_port=str(port), master_addr="127.0.0.1"
+                        )
         except KeyboardInterrupt:
             interrupted = True
         except BaseException as exc:  # ChildFailedError, SignalException, a worker's own error
@@ -379,8 +390,9 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
         raise _failure(plan, drain, launch_error, log_dir)
     elif drain.outcome is None:
         lost = f" (messages lost: {'; '.join(drain.lost)})" if drain.lost else ""
-        raise TrainingError(f"training ended without a result from rank 0{lost}; the workers' output: "
-                            f"{_log_files(log_dir)}")
+        raise TrainingError(
+            f"training ended without a result from rank 0{lost}; the workers' output: {_log_files(log_dir)}"
+        )
     else:
         outcome = drain.outcome
     shutil.rmtree(log_dir, ignore_errors=True)  # kept only when a run failed
@@ -422,9 +434,17 @@ def _interrupted_outcome(plan: Plan, drain: _Drain) -> Any:
     checkpoint_dir = str(ckpts[-1]) if ckpts else None
     message = f"interrupted at step {drain.last_step}"
     drain.end("interrupted", message, checkpoint_dir)
-    return Outcome(status="interrupted", history=[], final_loss=None, eval_metrics={},
-                   checkpoint_dir=checkpoint_dir, distributed_type=plan.distributed_type,
-                   num_processes=plan.procs, message=message, notes=list(plan.notes))
+    return Outcome(
+        status="interrupted",
+        history=[],
+        final_loss=None,
+        eval_metrics={},
+        checkpoint_dir=checkpoint_dir,
+        distributed_type=plan.distributed_type,
+        num_processes=plan.procs,
+        message=message,
+        notes=list(plan.notes),
+    )
 
 
 def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, log_dir: str) -> TrainingError:
@@ -438,8 +458,11 @@ def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, log_
     oom = [f for f in drain.failures if f.error_type == "OutOfMemoryError"]
     own = [f for f in drain.failures if not _is_echo(f)]
     reported = {f.rank for f in drain.failures}
-    silent = [f"rank {r} died without reporting an error (killed by a signal, e.g. SIGKILL or the "
-              "out-of-memory killer)" for r in range(plan.procs) if r not in reported]
+    silent = [
+        f"rank {r} died without reporting an error (killed by a signal, e.g. SIGKILL or the out-of-memory killer)"
+        for r in range(plan.procs)
+        if r not in reported
+    ]
     killed = _killed_ranks(launch_error) or (silent if drain.failures else [])
     if oom or own:
         first = (oom or own)[0]
@@ -448,18 +471,26 @@ def _failure(plan: Plan, drain: _Drain, launch_error: BaseException | None, log_
         error = TrainingError(f"{where}{kind}{first.message}", first.traceback, first.error_type, first.rank)
     elif killed:
         dead = [int(k.split()[1]) for k in killed]
-        last_words = "".join(f"\nlast output of rank {r}:\n{tail}" for r in dead
-                             if (tail := _tail(os.path.join(log_dir, f"rank{r}.log"))))
-        error = TrainingError("; ".join(killed) + ". The other workers were stopped. "
-                              "Fix: run again with --resume latest to continue from the last checkpoint. "
-                              f"The workers' output: {_log_files(log_dir)}{last_words}")
+        last_words = "".join(
+            f"\nlast output of rank {r}:\n{tail}"
+            for r in dead
+            if (tail := _tail(os.path.join(log_dir, f"rank{r}.log")))
+        )
+        error = TrainingError(
+            "; ".join(killed) + ". The other workers were stopped. "
+            "Fix: run again with --resume latest to continue from the last checkpoint. "
+            f"The workers' output: {_log_files(log_dir)}{last_words}"
+        )
     elif drain.failures:
         first = drain.failures[0]
-        error = TrainingError(f"rank {first.rank}: {first.error_type}: {first.message}", first.traceback,
-                              first.error_type, first.rank)
+        error = TrainingError(
+            f"rank {first.rank}: {first.error_type}: {first.message}", first.traceback, first.error_type, first.rank
+        )
     else:
-        error = TrainingError(f"the launch failed: {type(launch_error).__name__}: {launch_error}; "
-                              f"the workers' output: {_log_files(log_dir)}")
+        error = TrainingError(
+            f"the launch failed: {type(launch_error).__name__}: {launch_error}; "
+            f"the workers' output: {_log_files(log_dir)}"
+        )
     drain.end("failed", str(error))
     return error
 

@@ -32,12 +32,15 @@ from nexa_nb.task import Task
 class NexaMagics(Magics):
     """Train, plan and configure nexa_nb runs from a notebook (``%load_ext nexa_nb``)."""
 
-    default_task = Unicode("task", help="Name of the notebook variable holding the nexa_nb.Task that "
-                                        "%nexa_train, %nexa_plan and %nexa_export use when no TASK is given."
-                           ).tag(config=True)
+    default_task = Unicode(
+        "task",
+        help="Name of the notebook variable holding the nexa_nb.Task that "
+        "%nexa_train, %nexa_plan and %nexa_export use when no TASK is given.",
+    ).tag(config=True)
     refresh_interval = Float(0.25, help="Seconds between redraws of the live dashboard.").tag(config=True)
-    dashboard = Bool(True, help="Show the live dashboard during %nexa_train; False prints console lines "
-                                "instead.").tag(config=True)
+    dashboard = Bool(True, help="Show the live dashboard during %nexa_train; False prints console lines instead.").tag(
+        config=True
+    )
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -48,8 +51,12 @@ class NexaMagics(Magics):
         return find_task(self.shell.user_ns, name or self.default_task)
 
     @magic_arguments()
-    @argument("task", nargs="?", metavar="TASK",
-              help="notebook variable holding the nexa_nb.Task (default: NexaMagics.default_task, 'task').")
+    @argument(
+        "task",
+        nargs="?",
+        metavar="TASK",
+        help="notebook variable holding the nexa_nb.Task (default: NexaMagics.default_task, 'task').",
+    )
     @config_flags
     @line_magic
     def nexa_train(self, line):
@@ -70,14 +77,23 @@ class NexaMagics(Magics):
         """
         args = parse(self.nexa_train, line)
         if args is not None:
-            return train.run(self.session, self.task_named(args.task), args, dashboard=self.dashboard,
-                             refresh_interval=self.refresh_interval)
+            return train.run(
+                self.session,
+                self.task_named(args.task),
+                args,
+                dashboard=self.dashboard,
+                refresh_interval=self.refresh_interval,
+            )
 
     @magic_arguments()
-    @argument("--reset", action="store_true", help="forget the defaults set so far (flags given with it apply "
-                                                   "afterwards).")
-    @argument("--save", metavar="FILE", help="write the resolved configuration as an accelerate config YAML, "
-                                             "for accelerate launch --config_file FILE.")
+    @argument(
+        "--reset", action="store_true", help="forget the defaults set so far (flags given with it apply afterwards)."
+    )
+    @argument(
+        "--save",
+        metavar="FILE",
+        help="write the resolved configuration as an accelerate config YAML, for accelerate launch --config_file FILE.",
+    )
     @argument("--widget", action="store_true", help="open the configuration form.")
     @config_flags
     @line_magic
@@ -101,25 +117,42 @@ class NexaMagics(Magics):
         if args is not None and args.widget:
             from nexa_nb import widgets_form
 
-            return widgets_form.show(self.session, lambda: self.task_named(None),
-                                     refresh_interval=self.refresh_interval)
+            return widgets_form.show(
+                self.session, lambda: self.task_named(None), refresh_interval=self.refresh_interval
+            )
         if args is not None:
             config.run(self.session, args)
 
     @magic_arguments()
-    @argument("task", nargs="?", metavar="TASK",
-              help="notebook variable holding the nexa_nb.Task whose model is counted (default: "
-                   "NexaMagics.default_task). A model factory is built once, on the CPU.")
-    @argument("--params", type=plan.parse_count, metavar="N",
-              help="total parameters instead of counting the task's model: 350M, 7B, 7e9.")
-    @argument("--largest-layer", type=plan.parse_count, metavar="N",
-              help="parameters of the largest layer, with --params (default: the whole model, which "
-                   "overstates ZeRO-3).")
-    @argument("--gpus", type=plan.positive(int), metavar="N",
-              help="devices (default: the GPUs found; without GPUs, --procs).")
-    @argument("--gpu-mem", type=plan.positive(float), metavar="GB",
-              help="memory of one device in GiB (default: the smallest GPU found; without GPUs, the host "
-                   "memory available, shared by the processes).")
+    @argument(
+        "task",
+        nargs="?",
+        metavar="TASK",
+        help="notebook variable holding the nexa_nb.Task whose model is counted (default: "
+        "NexaMagics.default_task). A model factory is built once, on the CPU.",
+    )
+    @argument(
+        "--params",
+        type=plan.parse_count,
+        metavar="N",
+        help="total parameters instead of counting the task's model: 350M, 7B, 7e9.",
+    )
+    @argument(
+        "--largest-layer",
+        type=plan.parse_count,
+        metavar="N",
+        help="parameters of the largest layer, with --params (default: the whole model, which overstates ZeRO-3).",
+    )
+    @argument(
+        "--gpus", type=plan.positive(int), metavar="N", help="devices (default: the GPUs found; without GPUs, --procs)."
+    )
+    @argument(
+        "--gpu-mem",
+        type=plan.positive(float),
+        metavar="GB",
+        help="memory of one device in GiB (default: the smallest GPU found; without GPUs, the host "
+        "memory available, shared by the processes).",
+    )
     @line_magic
     def nexa_plan(self, line):
         """Model-state memory per ZeRO stage and offload choice, and the setup to train with.
@@ -142,8 +175,11 @@ class NexaMagics(Magics):
         plan.run(self.session, args, model=model, counted=f"counted from {args.task or self.default_task}'s model")
 
     @magic_arguments()
-    @argument("--traceback", action="store_true",
-              help="print the traceback of the worker that made the last %%nexa_train fail.")
+    @argument(
+        "--traceback",
+        action="store_true",
+        help="print the traceback of the worker that made the last %%nexa_train fail.",
+    )
     @line_magic
     def nexa_status(self, line):
         """What is available and what a run would use now.
@@ -159,8 +195,12 @@ class NexaMagics(Magics):
 
     @magic_arguments()
     @argument("script", metavar="SCRIPT", help="the Python script to write, e.g. train.py.")
-    @argument("task", nargs="?", metavar="TASK",
-              help="notebook variable holding the nexa_nb.Task (default: NexaMagics.default_task).")
+    @argument(
+        "task",
+        nargs="?",
+        metavar="TASK",
+        help="notebook variable holding the nexa_nb.Task (default: NexaMagics.default_task).",
+    )
     @config_flags
     @line_magic
     def nexa_export(self, line):

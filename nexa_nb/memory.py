@@ -18,12 +18,12 @@ from nexa_nb.text import format_bytes
 STAGES = (None, 0, 1, 2, 3)
 
 # Bytes per parameter in DeepSpeed's estimators.
-_FP32 = 4                  # an fp32 copy: what each process loads on the host; also 4 x the largest layer
-_FP16_PARAMS = 2           # the 16-bit parameters (below stage 3 every device holds all of them)
-_ZERO2_PARTITIONED = 18    # 2 16-bit grads + 4 fp32 grads + 4 fp32 params + 8 Adam moments, as DeepSpeed counts
-_ZERO2_OFFLOAD_MIN = 16    # ZeRO-2 offload host bytes are DeepSpeed's max(4 x GPUs, 16) per parameter
-_ZERO3_OPTIMIZER = 16      # what ZeRO-3 optimizer offload takes off the device: its 18 less the 16-bit params
-_PLAIN_FP32_ADAMW = 16     # no DeepSpeed: fp32 weights 4 + grads 4 + two Adam moments 8
+_FP32 = 4  # an fp32 copy: what each process loads on the host; also 4 x the largest layer
+_FP16_PARAMS = 2  # the 16-bit parameters (below stage 3 every device holds all of them)
+_ZERO2_PARTITIONED = 18  # 2 16-bit grads + 4 fp32 grads + 4 fp32 params + 8 Adam moments, as DeepSpeed counts
+_ZERO2_OFFLOAD_MIN = 16  # ZeRO-2 offload host bytes are DeepSpeed's max(4 x GPUs, 16) per parameter
+_ZERO3_OPTIMIZER = 16  # what ZeRO-3 optimizer offload takes off the device: its 18 less the 16-bit params
+_PLAIN_FP32_ADAMW = 16  # no DeepSpeed: fp32 weights 4 + grads 4 + two Adam moments 8
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,10 @@ def model_state_memory(
     _check_sizes(total_params, largest_layer_params, gpus_per_node, num_nodes)
     _check_setup(stage, offload_optimizer, offload_param)
     if additional_buffer_factor < 1:
-        raise ValueError(f"additional_buffer_factor must be at least 1, got {additional_buffer_factor}; "
-                         "pass 1.5 (DeepSpeed's default)")
+        raise ValueError(
+            f"additional_buffer_factor must be at least 1, got {additional_buffer_factor}; "
+            "pass 1.5 (DeepSpeed's default)"
+        )
 
     total_gpus = gpus_per_node * num_nodes
     host_fp32_copies = total_params * _FP32 * gpus_per_node * additional_buffer_factor
@@ -92,11 +94,13 @@ def model_state_memory(
             device = _FP16_PARAMS * total_params + int(_ZERO2_PARTITIONED * total_params / total_gpus)
             host = host_fp32_copies
     else:
-        on_device = ((_FP16_PARAMS if offload_param == "none" else 0)
-                     + (_ZERO3_OPTIMIZER if offload_optimizer == "none" else 0))
+        on_device = (_FP16_PARAMS if offload_param == "none" else 0) + (
+            _ZERO3_OPTIMIZER if offload_optimizer == "none" else 0
+        )
         device = _FP32 * largest_layer_params + int(on_device * total_params / total_gpus)
-        on_host = ((_FP16_PARAMS if offload_param == "cpu" else 0)
-                   + (_ZERO3_OPTIMIZER if offload_optimizer == "cpu" else 0))
+        on_host = (_FP16_PARAMS if offload_param == "cpu" else 0) + (
+            _ZERO3_OPTIMIZER if offload_optimizer == "cpu" else 0
+        )
         gpus_factor = 1 / num_nodes
         if on_host == 0:
             loaded = largest_layer_params if zero_init else total_params
@@ -121,12 +125,22 @@ _TABLE_SETUPS = (
 )
 
 
-def memory_table(total_params: int, largest_layer_params: int, *,
-                 gpus_per_node: int = 1, num_nodes: int = 1) -> list[StateMemory]:
+def memory_table(
+    total_params: int, largest_layer_params: int, *, gpus_per_node: int = 1, num_nodes: int = 1
+) -> list[StateMemory]:
     """One row per setup worth comparing, from plain Accelerate to ZeRO-3 with full cpu offload."""
-    return [model_state_memory(total_params, largest_layer_params, stage=stage, offload_optimizer=opt,
-                               offload_param=param, gpus_per_node=gpus_per_node, num_nodes=num_nodes)
-            for stage, opt, param in _TABLE_SETUPS]
+    return [
+        model_state_memory(
+            total_params,
+            largest_layer_params,
+            stage=stage,
+            offload_optimizer=opt,
+            offload_param=param,
+            gpus_per_node=gpus_per_node,
+            num_nodes=num_nodes,
+        )
+        for stage, opt, param in _TABLE_SETUPS
+    ]
 
 
 @dataclass(frozen=True)
@@ -190,47 +204,68 @@ def recommend(
     """
     _check_sizes(total_params, largest_layer_params, gpus_per_node, num_nodes)
     if device_bytes_available <= 0:
-        raise ValueError(f"device_bytes_available must be positive, got {device_bytes_available}; "
-                         "pass the memory of one training device in bytes")
+        raise ValueError(
+            f"device_bytes_available must be positive, got {device_bytes_available}; "
+            "pass the memory of one training device in bytes"
+        )
     if host_bytes_available < 0:
-        raise ValueError(f"host_bytes_available must not be negative, got {host_bytes_available}; "
-                         "pass the host memory of one node in bytes")
+        raise ValueError(
+            f"host_bytes_available must not be negative, got {host_bytes_available}; "
+            "pass the host memory of one node in bytes"
+        )
     if not 0 < headroom <= 1:
         raise ValueError(f"headroom must be in (0, 1], got {headroom}; pass 0.9 to keep 10% spare")
     if wanted_micro_batch < 1:
         raise ValueError(f"wanted_micro_batch must be at least 1, got {wanted_micro_batch}")
     if activation_bytes_per_sample is not None and activation_bytes_per_sample < 0:
-        raise ValueError(f"activation_bytes_per_sample must not be negative, got {activation_bytes_per_sample}; "
-                         "pass None when it is not known")
+        raise ValueError(
+            f"activation_bytes_per_sample must not be negative, got {activation_bytes_per_sample}; "
+            "pass None when it is not known"
+        )
 
     budget = int(headroom * device_bytes_available)
     usable = f"{format_bytes(budget)} usable ({headroom:.0%} of {format_bytes(device_bytes_available)})"
     host_available = format_bytes(host_bytes_available)
-    rows = [model_state_memory(total_params, largest_layer_params, stage=stage, offload_optimizer=opt,
-                               offload_param=param, gpus_per_node=gpus_per_node, num_nodes=num_nodes)
-            for stage, opt, param in _SPEED_ORDER]
+    rows = [
+        model_state_memory(
+            total_params,
+            largest_layer_params,
+            stage=stage,
+            offload_optimizer=opt,
+            offload_param=param,
+            gpus_per_node=gpus_per_node,
+            num_nodes=num_nodes,
+        )
+        for stage, opt, param in _SPEED_ORDER
+    ]
 
     def needs(row: StateMemory, micro_batch: int) -> str:
-        return (f"{format_bytes(row.device_bytes)} of model states"
-                f"{_activations(activation_bytes_per_sample, micro_batch)} per device and "
-                f"{format_bytes(row.host_bytes)} of host memory")
+        return (
+            f"{format_bytes(row.device_bytes)} of model states"
+            f"{_activations(activation_bytes_per_sample, micro_batch)} per device and "
+            f"{format_bytes(row.host_bytes)} of host memory"
+        )
 
     for i, row in enumerate(rows):
-        micro_batch = _fitting_micro_batch(row.device_bytes, budget, activation_bytes_per_sample,
-                                           wanted_micro_batch)
+        micro_batch = _fitting_micro_batch(row.device_bytes, budget, activation_bytes_per_sample, wanted_micro_batch)
         if micro_batch is None or row.host_bytes > host_bytes_available:
             continue
-        reason = (f"{_label(row)} fits: it needs {needs(row, micro_batch)}, within {usable} per device "
-                  f"and {host_available} of host memory")
+        reason = (
+            f"{_label(row)} fits: it needs {needs(row, micro_batch)}, within {usable} per device "
+            f"and {host_available} of host memory"
+        )
         if i > 0:
             reason += f"; the faster {_label(rows[i - 1])} would need {needs(rows[i - 1], 1)}"
         reason += "."
         if activation_bytes_per_sample is None:
-            reason += (f" Activations were not estimated, so micro-batch {micro_batch} is unchecked; "
-                       "pass activation_bytes_per_sample to size it.")
+            reason += (
+                f" Activations were not estimated, so micro-batch {micro_batch} is unchecked; "
+                "pass activation_bytes_per_sample to size it."
+            )
         device_need = row.device_bytes + (activation_bytes_per_sample or 0) * micro_batch
-        return Recommendation(row.stage, row.offload_optimizer, row.offload_param, micro_batch, device_need,
-                              _capitalized(reason))
+        return Recommendation(
+            row.stage, row.offload_optimizer, row.offload_param, micro_batch, device_need, _capitalized(reason)
+        )
 
     micro_batch = wanted_micro_batch if activation_bytes_per_sample is None else 1
     frugal = min(rows, key=lambda row: row.device_bytes)
@@ -240,14 +275,19 @@ def recommend(
         misses.append(f"{format_bytes(device_need - budget)} more per device than the {usable}")
         fixes.append("add devices or nodes, or train a smaller model or LoRA adapters")
     if frugal.host_bytes > host_bytes_available:
-        misses.append(f"{format_bytes(frugal.host_bytes - host_bytes_available)} more host memory than the "
-                      f"{host_available} available")
+        misses.append(
+            f"{format_bytes(frugal.host_bytes - host_bytes_available)} more host memory than the "
+            f"{host_available} available"
+        )
         fixes.append("offload to NVMe with ZeRO-3 to keep that state out of host memory")
-    reason = (f"Nothing fits, and this will not fit either: {_label(frugal)}, the setup needing the least "
-              f"device memory, needs {needs(frugal, micro_batch)}, which is {' and '.join(misses)}. "
-              f"{_capitalized('; '.join(fixes))}.")
-    return Recommendation(frugal.stage, frugal.offload_optimizer, frugal.offload_param, micro_batch, device_need,
-                          reason)
+    reason = (
+        f"Nothing fits, and this will not fit either: {_label(frugal)}, the setup needing the least "
+        f"device memory, needs {needs(frugal, micro_batch)}, which is {' and '.join(misses)}. "
+        f"{_capitalized('; '.join(fixes))}."
+    )
+    return Recommendation(
+        frugal.stage, frugal.offload_optimizer, frugal.offload_param, micro_batch, device_need, reason
+    )
 
 
 def count_params(model) -> tuple[int, int]:
@@ -269,9 +309,11 @@ def count_params(model) -> tuple[int, int]:
 def _label(row: StateMemory) -> str:
     if row.stage is None:
         return "plain Accelerate (no DeepSpeed)"
-    offloaded = [f"{name} offload to {device}"
-                 for name, device in (("optimizer", row.offload_optimizer), ("parameter", row.offload_param))
-                 if device != "none"]
+    offloaded = [
+        f"{name} offload to {device}"
+        for name, device in (("optimizer", row.offload_optimizer), ("parameter", row.offload_param))
+        if device != "none"
+    ]
     if not offloaded:
         return f"ZeRO-{row.stage}"
     return f"ZeRO-{row.stage} with {' and '.join(offloaded)}"
@@ -297,26 +339,35 @@ def _fitting_micro_batch(states: int, budget: int, per_sample: int | None, wante
 
 def _check_sizes(total_params: int, largest_layer_params: int, gpus_per_node: int, num_nodes: int) -> None:
     if total_params < 0 or largest_layer_params < 0:
-        raise ValueError(f"parameter counts must not be negative (total {total_params}, largest layer "
-                         f"{largest_layer_params}); pass the counts from count_params(model)")
+        raise ValueError(
+            f"parameter counts must not be negative (total {total_params}, largest layer "
+            f"{largest_layer_params}); pass the counts from count_params(model)"
+        )
     if largest_layer_params > total_params:
-        raise ValueError(f"the largest layer ({largest_layer_params}) cannot hold more parameters than the "
-                         f"model ({total_params}); pass the counts from count_params(model)")
+        raise ValueError(
+            f"the largest layer ({largest_layer_params}) cannot hold more parameters than the "
+            f"model ({total_params}); pass the counts from count_params(model)"
+        )
     if gpus_per_node < 1 or num_nodes < 1:
-        raise ValueError(f"gpus_per_node and num_nodes must be at least 1 (got {gpus_per_node} and "
-                         f"{num_nodes}); pass 1 for a single device")
+        raise ValueError(
+            f"gpus_per_node and num_nodes must be at least 1 (got {gpus_per_node} and "
+            f"{num_nodes}); pass 1 for a single device"
+        )
 
 
 def _check_setup(stage: int | None, offload_optimizer: str, offload_param: str) -> None:
     if stage not in STAGES:
-        raise ValueError(f"ZeRO stage must be None, 0, 1, 2 or 3, got {stage!r}; pass stage=None to train "
-                         "without DeepSpeed")
+        raise ValueError(
+            f"ZeRO stage must be None, 0, 1, 2 or 3, got {stage!r}; pass stage=None to train without DeepSpeed"
+        )
     for name, device in (("offload_optimizer", offload_optimizer), ("offload_param", offload_param)):
         if device not in OFFLOAD_DEVICES:
             raise ValueError(f"{name} must be one of {', '.join(OFFLOAD_DEVICES)}, got {device!r}")
     if offload_optimizer != "none" and (stage is None or stage == 0):
-        raise ValueError(f"optimizer offload needs ZeRO stage 1, 2 or 3 (stage is {stage}); pass stage=2 "
-                         "or drop the offload")
+        raise ValueError(
+            f"optimizer offload needs ZeRO stage 1, 2 or 3 (stage is {stage}); pass stage=2 or drop the offload"
+        )
     if offload_param != "none" and stage != 3:
-        raise ValueError(f"parameter offload needs ZeRO stage 3 (stage is {stage}); pass stage=3 or drop "
-                         "parameter offload")
+        raise ValueError(
+            f"parameter offload needs ZeRO stage 3 (stage is {stage}); pass stage=3 or drop parameter offload"
+        )

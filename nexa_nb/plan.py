@@ -72,9 +72,12 @@ class Plan:
         c = self.config
         strategy = strategy_description(c.zero, self.distributed_type, c.offload_optimizer, c.offload_param)
         lines = [
-            f"{strategy}, {precision_label(self.precision)}, {self.procs} x {self.device.upper()} ({self.distributed_type})",
-            (f"batch: micro {self.micro_batch} x accumulation {self.grad_accum} x {self.procs} procs "
-             f"= effective {self.effective_batch}; lr {self.lr:g}"),
+            f"{strategy}, {precision_label(self.precision)}, "
+            f"{self.procs} x {self.device.upper()} ({self.distributed_type})",
+            (
+                f"batch: micro {self.micro_batch} x accumulation {self.grad_accum} x {self.procs} procs "
+                f"= effective {self.effective_batch}; lr {self.lr:g}"
+            ),
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -102,8 +105,13 @@ def cpu_threads_per_process(procs: int, cores: int) -> int:
     return max(1, cores // procs)
 
 
-def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
-              total_params: int | None = None, largest_layer_params: int | None = None) -> Plan:
+def make_plan(
+    config: TrainConfig,
+    hardware: Hardware | None = None,
+    *,
+    total_params: int | None = None,
+    largest_layer_params: int | None = None,
+) -> Plan:
     """Resolve `config` for `hardware` (probed when not given). Raises `ConfigError`."""
     hw = probe() if hardware is None else hardware
     c = config
@@ -118,27 +126,36 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
     on_cuda = hw.has_cuda and not c.force_cpu
     device = "cuda" if on_cuda else "cpu"
     if on_cuda and c.procs > len(hw.gpus):
-        raise ConfigError("procs", f"{c.procs} processes asked but this machine has {len(hw.gpus)} GPU(s)",
-                          f"pass --procs {len(hw.gpus)} or fewer")
+        raise ConfigError(
+            "procs",
+            f"{c.procs} processes asked but this machine has {len(hw.gpus)} GPU(s)",
+            f"pass --procs {len(hw.gpus)} or fewer",
+        )
     if not on_cuda and c.procs > max(hw.cpu_cores, 1) * 4:
-        raise ConfigError("procs", f"{c.procs} CPU processes on {hw.cpu_cores} cores would thrash",
-                          f"pass --procs {hw.cpu_cores} or fewer")
+        raise ConfigError(
+            "procs",
+            f"{c.procs} CPU processes on {hw.cpu_cores} cores would thrash",
+            f"pass --procs {hw.cpu_cores} or fewer",
+        )
 
     # precision
     precision = c.precision
     if precision == "fp16" and not on_cuda:
-        fallback("precision", "fp16 needs a CUDA GPU; this run trains in bf16 on the CPU instead",
-                 "pass --bf16 or --fp32, or run on a GPU")
+        fallback(
+            "precision",
+            "fp16 needs a CUDA GPU; this run trains in bf16 on the CPU instead",
+            "pass --bf16 or --fp32, or run on a GPU",
+        )
         precision = "bf16"
     elif precision == "bf16" and on_cuda and not hw.bf16_gpu:
-        fallback("precision", "this GPU has no fast bf16; this run trains in fp16 instead",
-                 "pass --fp16 or --fp32")
+        fallback("precision", "this GPU has no fast bf16; this run trains in fp16 instead", "pass --fp16 or --fp32")
         precision = "fp16"
 
     # FSDP
     if c.fsdp and not on_cuda:
-        raise ConfigError("fsdp", "FSDP needs CUDA GPUs and none is available",
-                          "use --zero 3 for sharding on the CPU, or run on GPUs")
+        raise ConfigError(
+            "fsdp", "FSDP needs CUDA GPUs and none is available", "use --zero 3 for sharding on the CPU, or run on GPUs"
+        )
 
     # batch arithmetic
     world = c.procs * c.num_machines
@@ -147,7 +164,9 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
     reference = c.lr_reference_batch or c.batch_size
     lr = scale_lr(c.lr, c.lr_scaling, effective, reference)
     if c.lr_scaling != "none":
-        notes.append(f"lr scaled {c.lr_scaling} from {c.lr:g} (tuned for batch {reference}) to {lr:g} for batch {effective}")
+        notes.append(
+            f"lr scaled {c.lr_scaling} from {c.lr:g} (tuned for batch {reference}) to {lr:g} for batch {effective}"
+        )
 
     # what Accelerate will report
     if c.zero is not None:
@@ -170,11 +189,13 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
         accelerator_kwargs["log_with"] = list(c.trackers)
         accelerator_kwargs["project_dir"] = c.log_dir or c.ckpt_dir or "nexa_runs"
 
-    ds_config = deepspeed_config(c, precision=precision, grad_accum=grad_accum, world=world,
-                                 on_cuda=on_cuda) if c.zero is not None else None
+    ds_config = (
+        deepspeed_config(c, precision=precision, grad_accum=grad_accum, world=world, on_cuda=on_cuda)
+        if c.zero is not None
+        else None
+    )
 
-    worker_env = {"ACCELERATE_USE_DEEPSPEED": "true" if ds_config else "false",
-                  "ACCELERATE_MIXED_PRECISION": precision}
+    worker_env = {"ACCELERATE_USE_DEEPSPEED": "true" if ds_config else "false", "ACCELERATE_MIXED_PRECISION": precision}
     if c.fsdp:
         worker_env["ACCELERATE_USE_FSDP"] = "true"
     if not on_cuda:
@@ -186,15 +207,30 @@ def make_plan(config: TrainConfig, hardware: Hardware | None = None, *,
 
     memory_rows, recommendation = model_state_rows(c, hw, on_cuda, total_params, largest_layer_params)
 
-    return Plan(config=c, device=device, precision=precision, procs=world, micro_batch=c.batch_size,
-                grad_accum=grad_accum, effective_batch=effective, lr=lr, distributed_type=distributed_type,
-                accelerator_kwargs=accelerator_kwargs, deepspeed_config=ds_config, worker_env=worker_env,
-                notes=tuple(notes), memory=memory_rows, recommendation=recommendation,
-                total_params=total_params, largest_layer_params=largest_layer_params)
+    return Plan(
+        config=c,
+        device=device,
+        precision=precision,
+        procs=world,
+        micro_batch=c.batch_size,
+        grad_accum=grad_accum,
+        effective_batch=effective,
+        lr=lr,
+        distributed_type=distributed_type,
+        accelerator_kwargs=accelerator_kwargs,
+        deepspeed_config=ds_config,
+        worker_env=worker_env,
+        notes=tuple(notes),
+        memory=memory_rows,
+        recommendation=recommendation,
+        total_params=total_params,
+        largest_layer_params=largest_layer_params,
+    )
 
 
-def model_state_rows(c: TrainConfig, hw: Hardware, on_cuda: bool, total_params: int | None,
-                     largest_layer_params: int | None) -> tuple[tuple, Any]:
+def model_state_rows(
+    c: TrainConfig, hw: Hardware, on_cuda: bool, total_params: int | None, largest_layer_params: int | None
+) -> tuple[tuple, Any]:
     """The memory table and the recommended setup for a model of `total_params`, or nothing unknown."""
     if not total_params:
         return (), None
@@ -204,10 +240,13 @@ def model_state_rows(c: TrainConfig, hw: Hardware, on_cuda: bool, total_params: 
     devices = c.procs
     rows = tuple(memory.memory_table(total_params, largest, gpus_per_node=devices))
     recommendation = memory.recommend(
-        total_params, largest,
+        total_params,
+        largest,
         device_bytes_available=hw.device_memory_bytes if on_cuda else hw.host_available_bytes // max(devices, 1),
-        host_bytes_available=hw.host_available_bytes, gpus_per_node=devices,
-        wanted_micro_batch=c.batch_size)
+        host_bytes_available=hw.host_available_bytes,
+        gpus_per_node=devices,
+        wanted_micro_batch=c.batch_size,
+    )
     return rows, recommendation
 
 
@@ -230,12 +269,14 @@ def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, world: 
     if c.offload_optimizer != "none":
         zero["offload_optimizer"] = offload(c.offload_optimizer)
     if c.zero == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": 50_000_000,
-            "stage3_param_persistence_threshold": 100_000,
-            "stage3_max_live_parameters": 1_000_000_000,
-            "stage3_gather_16bit_weights_on_model_save": True,  # save_model writes whole weights
-        })
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": 50_000_000,
+                "stage3_param_persistence_threshold": 100_000,
+                "stage3_max_live_parameters": 1_000_000_000,
+                "stage3_gather_16bit_weights_on_model_save": True,  # save_model writes whole weights
+            }
+        )
         if c.offload_param != "none":
             zero["offload_param"] = offload(c.offload_param)
     return {
@@ -244,11 +285,16 @@ def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, world: 
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": c.clip_norm or 0.0,
         "zero_optimization": zero,
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # nexa_nb reports progress itself
         "wall_clock_breakdown": False,
     }
-

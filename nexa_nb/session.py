@@ -8,8 +8,9 @@ the ``%nexa_train`` magic and the form's Train button both call it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.display import display
@@ -23,12 +24,16 @@ from nexa_nb.task import Task
 def find_task(namespace: Mapping[str, Any], name: str) -> Task:
     """The `nexa_nb.Task` held by the notebook variable `name`, or a UsageError naming the fix."""
     if name not in namespace:
-        raise UsageError(f"there is no variable {name!r} in this notebook. Fix: define it, e.g. "
-                         f"{name} = nexa_nb.Task(model, train_data), or pass the name of your task.")
+        raise UsageError(
+            f"there is no variable {name!r} in this notebook. Fix: define it, e.g. "
+            f"{name} = nexa_nb.Task(model, train_data), or pass the name of your task."
+        )
     task = namespace[name]
     if not isinstance(task, Task):
-        raise UsageError(f"{name!r} is a {type(task).__name__}, not a nexa_nb.Task. Fix: wrap your model "
-                         f"and data: {name} = nexa_nb.Task(model, train_data).")
+        raise UsageError(
+            f"{name!r} is a {type(task).__name__}, not a nexa_nb.Task. Fix: wrap your model "
+            f"and data: {name} = nexa_nb.Task(model, train_data)."
+        )
     return task
 
 
@@ -60,11 +65,13 @@ class Session:
 
     def resolve(self, options: Mapping[str, Any] | None = None, config_file: str | None = None) -> TrainConfig:
         """The configuration a run would use: the defaults set so far, then `options`."""
-        return resolve_config(config_file=config_file or self.config_file, session=self.defaults,
-                              arguments=options or {})
+        return resolve_config(
+            config_file=config_file or self.config_file, session=self.defaults, arguments=options or {}
+        )
 
-    def set_defaults(self, options: Mapping[str, Any], *, config_file: str | None = None,
-                     reset: bool = False) -> TrainConfig:
+    def set_defaults(
+        self, options: Mapping[str, Any], *, config_file: str | None = None, reset: bool = False
+    ) -> TrainConfig:
         """Merge `options` into the defaults (all of them forgotten first with `reset`).
 
         The new defaults are resolved before anything changes: a bad combination raises
@@ -77,9 +84,17 @@ class Session:
         self.defaults, self.config_file = defaults, file
         return config
 
-    def train_in_cell(self, task: Task, options: Mapping[str, Any], *, config_file: str | None = None,
-                      dashboard: bool = True, refresh_interval: float = 0.25, output=None,
-                      print_plan: bool = True):
+    def train_in_cell(
+        self,
+        task: Task,
+        options: Mapping[str, Any],
+        *,
+        config_file: str | None = None,
+        dashboard: bool = True,
+        refresh_interval: float = 0.25,
+        output=None,
+        print_plan: bool = True,
+    ):
         """Train `task` with `options` over the defaults, showing the run in the current cell.
 
         Once the task and the options passed every check, the plan is printed (`print_plan`)
@@ -113,8 +128,14 @@ class Session:
             shown = True
 
         try:
-            self.last_result = api.train(task, config=config_file or self.config_file, session=self.defaults,
-                                         sinks=[sink], on_plan=show, **options)
+            self.last_result = api.train(
+                task,
+                config=config_file or self.config_file,
+                session=self.defaults,
+                sinks=[sink],
+                on_plan=show,
+                **options,
+            )
             return self.last_result
         except TrainingError as exc:
             if exc.worker_traceback:

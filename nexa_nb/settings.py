@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from nexa_nb.schedules import SCHEDULES
 from nexa_nb.trackers import TRACKERS
@@ -30,8 +31,16 @@ TRACKER_NAMES = tuple(TRACKERS)
 ZERO_STAGES = (0, 1, 2, 3)
 
 # Flag groups, in the order ``%nexa_train?`` lists them; the form shows one column per group.
-GROUPS = ("DeepSpeed ZeRO and offload", "precision", "batch and processes", "length", "optimizer",
-          "LoRA", "memory", "checkpoints and logging")
+GROUPS = (
+    "DeepSpeed ZeRO and offload",
+    "precision",
+    "batch and processes",
+    "length",
+    "optimizer",
+    "LoRA",
+    "memory",
+    "checkpoints and logging",
+)
 
 
 class ConfigError(ValueError):
@@ -74,6 +83,7 @@ def probability(value) -> str | None:
 
 
 # --- the metadata of one setting --------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -151,140 +161,350 @@ class TrainConfig:
 
     # --- precision ---------------------------------------------------------------------------
     precision: str = setting(
-        "no", "mixed precision: no (fp32), fp16 or bf16; fp16 without a CUDA GPU falls back to bf16 with a note",
-        "precision", flag=None, shortcuts=(("--fp16", "fp16"), ("--bf16", "bf16"), ("--fp32", "no")),
-        choices=PRECISIONS, invalid="{value!r} is not a precision", fix="use one of no, fp16, bf16 (--fp32, --fp16, --bf16)",
-        env=("ACCELERATE_MIXED_PRECISION",), accelerate_keys=("mixed_precision",), label="precision")
+        "no",
+        "mixed precision: no (fp32), fp16 or bf16; fp16 without a CUDA GPU falls back to bf16 with a note",
+        "precision",
+        flag=None,
+        shortcuts=(("--fp16", "fp16"), ("--bf16", "bf16"), ("--fp32", "no")),
+        choices=PRECISIONS,
+        invalid="{value!r} is not a precision",
+        fix="use one of no, fp16, bf16 (--fp32, --fp16, --bf16)",
+        env=("ACCELERATE_MIXED_PRECISION",),
+        accelerate_keys=("mixed_precision",),
+        label="precision",
+    )
     strict: bool = setting(
-        False, "make every fallback (fp16 on a CPU, ...) an error instead of a note", "precision",
-        label="strict (no fallbacks)")
+        False,
+        "make every fallback (fp16 on a CPU, ...) an error instead of a note",
+        "precision",
+        label="strict (no fallbacks)",
+    )
 
     # --- batch arithmetic ----------------------------------------------------------------------
     batch_size: int = setting(
-        8, "micro-batch per process, per forward pass", "batch and processes", metavar="N", check=at_least_one,
-        deepspeed_key="train_micro_batch_size_per_gpu", label="micro-batch")
+        8,
+        "micro-batch per process, per forward pass",
+        "batch and processes",
+        metavar="N",
+        check=at_least_one,
+        deepspeed_key="train_micro_batch_size_per_gpu",
+        label="micro-batch",
+    )
     grad_accum: int = setting(
-        1, "micro-batches accumulated before each optimizer step", "batch and processes", metavar="N",
-        check=at_least_one, env=("GRADIENT_ACCUMULATION_STEPS",), accelerate_keys=("gradient_accumulation_steps", "deepspeed_config.gradient_accumulation_steps"),
-        deepspeed_key="gradient_accumulation_steps", label="grad accumulation")
+        1,
+        "micro-batches accumulated before each optimizer step",
+        "batch and processes",
+        metavar="N",
+        check=at_least_one,
+        env=("GRADIENT_ACCUMULATION_STEPS",),
+        accelerate_keys=("gradient_accumulation_steps", "deepspeed_config.gradient_accumulation_steps"),
+        deepspeed_key="gradient_accumulation_steps",
+        label="grad accumulation",
+    )
     target_batch: int | None = setting(
-        None, "effective batch wanted; the accumulation is derived as target / (batch size x processes)",
-        "batch and processes", metavar="N", deepspeed_key="train_batch_size", label="target batch",
-        placeholder="none")
+        None,
+        "effective batch wanted; the accumulation is derived as target / (batch size x processes)",
+        "batch and processes",
+        metavar="N",
+        deepspeed_key="train_batch_size",
+        label="target batch",
+        placeholder="none",
+    )
     lr_scaling: str = setting(
-        "none", "scale --lr with the effective batch: none, linear or sqrt of effective / --lr-reference-batch",
-        "optimizer", choices=LR_SCALING, invalid="{value!r} is not a scaling rule", label="lr scaling")
+        "none",
+        "scale --lr with the effective batch: none, linear or sqrt of effective / --lr-reference-batch",
+        "optimizer",
+        choices=LR_SCALING,
+        invalid="{value!r} is not a scaling rule",
+        label="lr scaling",
+    )
     lr_reference_batch: int | None = setting(
-        None, "the batch --lr was tuned for (default: the micro-batch); used when --lr-scaling is not none",
-        "optimizer", metavar="N", check=at_least_one, fix="pass the batch size your lr was tuned for",
-        label="lr tuned for batch", placeholder="the micro-batch")
+        None,
+        "the batch --lr was tuned for (default: the micro-batch); used when --lr-scaling is not none",
+        "optimizer",
+        metavar="N",
+        check=at_least_one,
+        fix="pass the batch size your lr was tuned for",
+        label="lr tuned for batch",
+        placeholder="the micro-batch",
+    )
     procs: int = setting(
-        1, "worker processes on this machine: GPUs on a GPU host, CPU processes otherwise", "batch and processes",
-        metavar="N", check=at_least_one, accelerate_keys=("num_processes",), label="processes")
+        1,
+        "worker processes on this machine: GPUs on a GPU host, CPU processes otherwise",
+        "batch and processes",
+        metavar="N",
+        check=at_least_one,
+        accelerate_keys=("num_processes",),
+        label="processes",
+    )
     num_machines: int = setting(
-        1, "machines in the run of an exported script (world size = processes x machines)", "batch and processes",
-        metavar="N", check=at_least_one, label=None,
-        no_form="a notebook run trains on this machine; several machines run an exported script")
+        1,
+        "machines in the run of an exported script (world size = processes x machines)",
+        "batch and processes",
+        metavar="N",
+        check=at_least_one,
+        label=None,
+        no_form="a notebook run trains on this machine; several machines run an exported script",
+    )
 
     # --- DeepSpeed / FSDP ----------------------------------------------------------------------
     zero: int | None = setting(
-        None, "DeepSpeed ZeRO stage 0-3; none (the default) trains without DeepSpeed: plain Accelerate, DDP for "
-              "several processes", "DeepSpeed ZeRO and offload", choices=ZERO_STAGES,
-        invalid="ZeRO stage must be 0, 1, 2 or 3, got {value}", parse=_zero_stage, metavar="{0,1,2,3,none}", fix="pass --zero 0, 1, 2 or 3", env=("DEEPSPEED_ZERO_STAGE",),
-        accelerate_keys=("deepspeed_config.zero_stage",), deepspeed_key="zero_optimization.stage", label="ZeRO stage")
+        None,
+        "DeepSpeed ZeRO stage 0-3; none (the default) trains without DeepSpeed: plain Accelerate, DDP for "
+        "several processes",
+        "DeepSpeed ZeRO and offload",
+        choices=ZERO_STAGES,
+        invalid="ZeRO stage must be 0, 1, 2 or 3, got {value}",
+        parse=_zero_stage,
+        metavar="{0,1,2,3,none}",
+        fix="pass --zero 0, 1, 2 or 3",
+        env=("DEEPSPEED_ZERO_STAGE",),
+        accelerate_keys=("deepspeed_config.zero_stage",),
+        deepspeed_key="zero_optimization.stage",
+        label="ZeRO stage",
+    )
     offload_optimizer: str = setting(
-        "none", "where DeepSpeed keeps the optimizer state (ZeRO 1-3): none, cpu or nvme. It moves the optimizer "
-                "only: --zero 3 --offload cpu keeps the parameters on the device; add --offload-param cpu to "
-                "move them too", "DeepSpeed ZeRO and offload",
-        flag="--offload", aliases=("--offload-optimizer",), choices=OFFLOAD_DEVICES, invalid="{value!r} is not an offload device",
-        fix="use none, cpu or nvme", env=("DEEPSPEED_OFFLOAD_OPTIMIZER",), env_parse=_offload_from_env,
+        "none",
+        "where DeepSpeed keeps the optimizer state (ZeRO 1-3): none, cpu or nvme. It moves the optimizer "
+        "only: --zero 3 --offload cpu keeps the parameters on the device; add --offload-param cpu to "
+        "move them too",
+        "DeepSpeed ZeRO and offload",
+        flag="--offload",
+        aliases=("--offload-optimizer",),
+        choices=OFFLOAD_DEVICES,
+        invalid="{value!r} is not an offload device",
+        fix="use none, cpu or nvme",
+        env=("DEEPSPEED_OFFLOAD_OPTIMIZER",),
+        env_parse=_offload_from_env,
         accelerate_keys=("deepspeed_config.offload_optimizer_device",),
-        deepspeed_key="zero_optimization.offload_optimizer.device", label="optimizer offload")
+        deepspeed_key="zero_optimization.offload_optimizer.device",
+        label="optimizer offload",
+    )
     offload_param: str = setting(
-        "none", "where DeepSpeed keeps the parameters (ZeRO-3 only): none, cpu or nvme",
-        "DeepSpeed ZeRO and offload", choices=OFFLOAD_DEVICES, invalid="{value!r} is not an offload device", fix="use none, cpu or nvme",
-        env=("DEEPSPEED_OFFLOAD_PARAM",), env_parse=_offload_from_env,
-        accelerate_keys=("deepspeed_config.offload_param_device",), deepspeed_key="zero_optimization.offload_param.device",
-        label="parameter offload")
+        "none",
+        "where DeepSpeed keeps the parameters (ZeRO-3 only): none, cpu or nvme",
+        "DeepSpeed ZeRO and offload",
+        choices=OFFLOAD_DEVICES,
+        invalid="{value!r} is not an offload device",
+        fix="use none, cpu or nvme",
+        env=("DEEPSPEED_OFFLOAD_PARAM",),
+        env_parse=_offload_from_env,
+        accelerate_keys=("deepspeed_config.offload_param_device",),
+        deepspeed_key="zero_optimization.offload_param.device",
+        label="parameter offload",
+    )
     nvme_path: str | None = setting(
-        None, "existing, writable folder for nvme offload", "DeepSpeed ZeRO and offload", metavar="DIR",
-        label="NVMe folder", placeholder="for nvme offload")
+        None,
+        "existing, writable folder for nvme offload",
+        "DeepSpeed ZeRO and offload",
+        metavar="DIR",
+        label="NVMe folder",
+        placeholder="for nvme offload",
+    )
     fsdp: bool = setting(
-        False, "shard the model with PyTorch FSDP instead of ZeRO (CUDA GPUs only)", "DeepSpeed ZeRO and offload",
-        label="FSDP")
+        False,
+        "shard the model with PyTorch FSDP instead of ZeRO (CUDA GPUs only)",
+        "DeepSpeed ZeRO and offload",
+        label="FSDP",
+    )
     find_unused_parameters: bool = setting(
-        False, "DDP: allow parameters that take no part in the loss, at the cost of a search through the autograd "
-               "graph at every step", "batch and processes", label="find unused parameters")
+        False,
+        "DDP: allow parameters that take no part in the loss, at the cost of a search through the autograd "
+        "graph at every step",
+        "batch and processes",
+        label="find unused parameters",
+    )
 
     # --- model ---------------------------------------------------------------------------------
     grad_ckpt: bool = setting(
-        False, "gradient checkpointing: recompute activations in backward to save memory", "memory",
-        env=("ACCELERATE_GRADIENT_CHECKPOINTING",), accelerate_keys=("gradient_checkpointing",),
-        label="gradient checkpointing")
+        False,
+        "gradient checkpointing: recompute activations in backward to save memory",
+        "memory",
+        env=("ACCELERATE_GRADIENT_CHECKPOINTING",),
+        accelerate_keys=("gradient_checkpointing",),
+        label="gradient checkpointing",
+    )
     lora: bool = setting(False, "train LoRA adapters (peft) instead of the whole model", "LoRA", label="LoRA")
-    lora_r: int = setting(8, "LoRA rank", "LoRA", metavar="N", check=at_least_one,
-                          fix="pass --lora-r 1 or more (8 is common)", label="LoRA r")
-    lora_alpha: int = setting(16, "LoRA scale numerator (scale = alpha / r)", "LoRA", metavar="N", check=at_least_one,
-                              fix="pass --lora-alpha 1 or more (2 x r is common)", label="LoRA alpha")
-    lora_dropout: float = setting(0.0, "dropout on the LoRA branch", "LoRA", metavar="F", check=probability,
-                                  fix="pass a dropout such as 0.05", label="LoRA dropout")
+    lora_r: int = setting(
+        8,
+        "LoRA rank",
+        "LoRA",
+        metavar="N",
+        check=at_least_one,
+        fix="pass --lora-r 1 or more (8 is common)",
+        label="LoRA r",
+    )
+    lora_alpha: int = setting(
+        16,
+        "LoRA scale numerator (scale = alpha / r)",
+        "LoRA",
+        metavar="N",
+        check=at_least_one,
+        fix="pass --lora-alpha 1 or more (2 x r is common)",
+        label="LoRA alpha",
+    )
+    lora_dropout: float = setting(
+        0.0,
+        "dropout on the LoRA branch",
+        "LoRA",
+        metavar="F",
+        check=probability,
+        fix="pass a dropout such as 0.05",
+        label="LoRA dropout",
+    )
     lora_target_modules: tuple[str, ...] | None = setting(
-        None, "module names to adapt, comma-separated; none lets peft choose for known architectures, else every "
-              "nn.Linear", "LoRA", metavar="NAMES", label="LoRA target modules", placeholder="peft's choice")
+        None,
+        "module names to adapt, comma-separated; none lets peft choose for known architectures, else every nn.Linear",
+        "LoRA",
+        metavar="NAMES",
+        label="LoRA target modules",
+        placeholder="peft's choice",
+    )
 
     # --- optimisation --------------------------------------------------------------------------
     lr: float = setting(
-        1e-3, "peak learning rate of AdamW (torch's own AdamW default)", "optimizer", metavar="F", check=positive,
-        fix="pass a learning rate such as --lr 1e-4", deepspeed_key="optimizer.params.lr", label="learning rate")
+        1e-3,
+        "peak learning rate of AdamW (torch's own AdamW default)",
+        "optimizer",
+        metavar="F",
+        check=positive,
+        fix="pass a learning rate such as --lr 1e-4",
+        deepspeed_key="optimizer.params.lr",
+        label="learning rate",
+    )
     weight_decay: float = setting(
-        0.0, "AdamW weight decay", "optimizer", metavar="F", check=non_negative, fix="pass 0 or a small positive value",
-        deepspeed_key="optimizer.params.weight_decay", label="weight decay")
+        0.0,
+        "AdamW weight decay",
+        "optimizer",
+        metavar="F",
+        check=non_negative,
+        fix="pass 0 or a small positive value",
+        deepspeed_key="optimizer.params.weight_decay",
+        label="weight decay",
+    )
     clip_norm: float | None = setting(
-        1.0, "clip the global gradient norm to this value; none turns clipping off", "optimizer", metavar="F|none",
-        parse=_clip_norm, check=positive, fix="pass a positive norm such as 1.0, or None to disable clipping",
-        accelerate_keys=("deepspeed_config.gradient_clipping",), deepspeed_key="gradient_clipping", label="clip norm",
-        placeholder="none: no clipping")
+        1.0,
+        "clip the global gradient norm to this value; none turns clipping off",
+        "optimizer",
+        metavar="F|none",
+        parse=_clip_norm,
+        check=positive,
+        fix="pass a positive norm such as 1.0, or None to disable clipping",
+        accelerate_keys=("deepspeed_config.gradient_clipping",),
+        deepspeed_key="gradient_clipping",
+        label="clip norm",
+        placeholder="none: no clipping",
+    )
     warmup_steps: int = setting(
-        0, "linear warm-up from 0 to --lr over this many optimizer steps", "optimizer", metavar="N",
-        check=non_negative, fix="pass 0 or more", deepspeed_key="scheduler.params.warmup_num_steps",
-        label="warm-up steps")
+        0,
+        "linear warm-up from 0 to --lr over this many optimizer steps",
+        "optimizer",
+        metavar="N",
+        check=non_negative,
+        fix="pass 0 or more",
+        deepspeed_key="scheduler.params.warmup_num_steps",
+        label="warm-up steps",
+    )
     scheduler: str = setting(
-        "constant", "learning rate after warm-up: " + ", ".join(SCHEDULERS) + " (to 0)", "optimizer",
-        choices=SCHEDULERS, invalid="{value!r} is not a schedule", label="scheduler")
-    epochs: int = setting(1, "passes over the training data (ignored when --max-steps is given)", "length",
-                          metavar="N", check=at_least_one, label="epochs")
+        "constant",
+        "learning rate after warm-up: " + ", ".join(SCHEDULERS) + " (to 0)",
+        "optimizer",
+        choices=SCHEDULERS,
+        invalid="{value!r} is not a schedule",
+        label="scheduler",
+    )
+    epochs: int = setting(
+        1,
+        "passes over the training data (ignored when --max-steps is given)",
+        "length",
+        metavar="N",
+        check=at_least_one,
+        label="epochs",
+    )
     max_steps: int | None = setting(
-        None, "stop after this many optimizer steps, cycling the data if needed", "length", metavar="N",
-        check=at_least_one, fix="pass --max-steps 1 or more, or leave it out to train for --epochs",
-        label="max steps", placeholder="none: train the epochs")
-    seed: int = setting(42, "seed for the weights, the data order and dropout, the same on every rank", "optimizer",
-                        metavar="N", check=non_negative, fix="pass --seed 0 or more", env=("SEED",), label="seed")
+        None,
+        "stop after this many optimizer steps, cycling the data if needed",
+        "length",
+        metavar="N",
+        check=at_least_one,
+        fix="pass --max-steps 1 or more, or leave it out to train for --epochs",
+        label="max steps",
+        placeholder="none: train the epochs",
+    )
+    seed: int = setting(
+        42,
+        "seed for the weights, the data order and dropout, the same on every rank",
+        "optimizer",
+        metavar="N",
+        check=non_negative,
+        fix="pass --seed 0 or more",
+        env=("SEED",),
+        label="seed",
+    )
 
     # --- checkpoints, evaluation, logging ------------------------------------------------------
     ckpt_dir: str | None = setting(
-        None, "folder for checkpoints, one sub-folder per saved step (step-0000010)", "checkpoints and logging",
-        metavar="PATH", label="checkpoint folder", placeholder="none: no checkpoints")
+        None,
+        "folder for checkpoints, one sub-folder per saved step (step-0000010)",
+        "checkpoints and logging",
+        metavar="PATH",
+        label="checkpoint folder",
+        placeholder="none: no checkpoints",
+    )
     ckpt_every: int | None = setting(
-        None, "save every N optimizer steps (and always at the end when --ckpt-dir is given)",
-        "checkpoints and logging", metavar="N", check=at_least_one, fix="pass 1 or more", label="checkpoint every",
-        placeholder="none: at the end only")
+        None,
+        "save every N optimizer steps (and always at the end when --ckpt-dir is given)",
+        "checkpoints and logging",
+        metavar="N",
+        check=at_least_one,
+        fix="pass 1 or more",
+        label="checkpoint every",
+        placeholder="none: at the end only",
+    )
     resume: str | None = setting(
-        None, "continue from a checkpoint folder, or latest: the newest complete one in --ckpt-dir",
-        "checkpoints and logging", metavar="PATH|latest", label="resume from", placeholder="none")
+        None,
+        "continue from a checkpoint folder, or latest: the newest complete one in --ckpt-dir",
+        "checkpoints and logging",
+        metavar="PATH|latest",
+        label="resume from",
+        placeholder="none",
+    )
     eval_every: int | None = setting(
-        None, "evaluate the task's eval data every N optimizer steps (and at the end)", "checkpoints and logging",
-        metavar="N", check=at_least_one, fix="pass 1 or more", label="evaluate every",
-        placeholder="none: at the end only")
+        None,
+        "evaluate the task's eval data every N optimizer steps (and at the end)",
+        "checkpoints and logging",
+        metavar="N",
+        check=at_least_one,
+        fix="pass 1 or more",
+        label="evaluate every",
+        placeholder="none: at the end only",
+    )
     trackers: tuple[str, ...] = setting(
-        (), "experiment trackers to log to, offline, comma-separated: " + ", ".join(TRACKER_NAMES),
-        "checkpoints and logging", choices=TRACKER_NAMES, invalid="{value!r} is not a supported tracker", metavar="NAMES",
-        fix="use " + " or ".join(TRACKER_NAMES), label="trackers", placeholder="none")
+        (),
+        "experiment trackers to log to, offline, comma-separated: " + ", ".join(TRACKER_NAMES),
+        "checkpoints and logging",
+        choices=TRACKER_NAMES,
+        invalid="{value!r} is not a supported tracker",
+        metavar="NAMES",
+        fix="use " + " or ".join(TRACKER_NAMES),
+        label="trackers",
+        placeholder="none",
+    )
     log_dir: str | None = setting(
-        None, "where trackers write (default: --ckpt-dir, else ./nexa_runs)", "checkpoints and logging",
-        metavar="PATH", label="tracker folder", placeholder="the checkpoint folder, else nexa_runs")
+        None,
+        "where trackers write (default: --ckpt-dir, else ./nexa_runs)",
+        "checkpoints and logging",
+        metavar="PATH",
+        label="tracker folder",
+        placeholder="the checkpoint folder, else nexa_runs",
+    )
     force_cpu: bool = setting(
-        False, "train on the CPU even when GPUs are present", "batch and processes", env=("FORCE_CPU",),
-        label="force CPU")
+        False,
+        "train on the CPU even when GPUs are present",
+        "batch and processes",
+        env=("FORCE_CPU",),
+        label="force CPU",
+    )
 
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Which layer set each non-default field: "argument", "session", "env:NAME", a file path."""
@@ -297,6 +517,7 @@ class TrainConfig:
 
 
 # --- what the declarations give --------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Field:
@@ -363,8 +584,9 @@ FIELD_NAMES = tuple(FIELDS)
 
 KEYWORDS: dict[str, str] = {keyword: f.name for f in FIELDS.values() for keyword in f.keywords}
 """Every keyword of `nexa_nb.train` that sets a field -> that field."""
-SHORTCUTS: dict[str, tuple[str, Any]] = {keyword: (f.name, value) for f in FIELDS.values()
-                                         for keyword, value in f.shortcut_keywords.items()}
+SHORTCUTS: dict[str, tuple[str, Any]] = {
+    keyword: (f.name, value) for f in FIELDS.values() for keyword, value in f.shortcut_keywords.items()
+}
 
 
 def by_group() -> dict[str, list[Field]]:
@@ -373,6 +595,7 @@ def by_group() -> dict[str, list[Field]]:
 
 
 # --- keywords and types ------------------------------------------------------------------------
+
 
 def canonical(options: Mapping[str, Any], source: str) -> dict[str, Any]:
     """`options` keyed by field names: ``offload="cpu"`` -> offload_optimizer, ``bf16=True`` -> precision.
@@ -388,8 +611,9 @@ def canonical(options: Mapping[str, Any], source: str) -> dict[str, Any]:
         elif keyword in SHORTCUTS:
             name, const = SHORTCUTS[keyword]
             if value is not True:
-                raise ConfigError(keyword, f"{keyword}= takes True, got {value!r}{where}",
-                                  f"pass {keyword}=True or {name}={const!r}")
+                raise ConfigError(
+                    keyword, f"{keyword}= takes True, got {value!r}{where}", f"pass {keyword}=True or {name}={const!r}"
+                )
             value = const
         else:
             raise ConfigError(keyword, f"is not a nexa_nb option{where}", "use one of: " + ", ".join(FIELD_NAMES))
@@ -452,10 +676,10 @@ def check_fields(config: TrainConfig) -> None:
 
 # --- the README's settings table ----------------------------------------------------------------
 
+
 def settings_markdown() -> str:
     """The settings table of the README: generated from the declarations (a test keeps it fresh)."""
-    rows = ["| setting | flags (and `train` keywords) | default | read from | what it does |",
-            "|---|---|---|---|---|"]
+    rows = ["| setting | flags (and `train` keywords) | default | read from | what it does |", "|---|---|---|---|---|"]
     for group, group_fields in by_group().items():
         rows.append(f"| **{group}** | | | | |")
         for f in group_fields:

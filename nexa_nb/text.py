@@ -39,14 +39,18 @@ def strategy_label(zero: int | None, distributed_type: str) -> str:
     return DISTRIBUTED_LABELS.get(distributed_type, distributed_type)
 
 
-def strategy_description(zero: int | None, distributed_type: str, offload_optimizer: str = "none",
-                         offload_param: str = "none") -> str:
+def strategy_description(
+    zero: int | None, distributed_type: str, offload_optimizer: str = "none", offload_param: str = "none"
+) -> str:
     """The strategy with its backend and offloads: "DeepSpeed ZeRO-3 (offload optimizer->cpu, params->cpu)"."""
     text = strategy_label(zero, distributed_type)
     if zero is not None:
         text = f"DeepSpeed {text}"
-    offload = [f"{what}->{device}" for what, device in (("optimizer", offload_optimizer), ("params", offload_param))
-               if device != "none"]
+    offload = [
+        f"{what}->{device}"
+        for what, device in (("optimizer", offload_optimizer), ("params", offload_param))
+        if device != "none"
+    ]
     return f"{text} (offload {', '.join(offload)})" if offload else text
 
 
@@ -66,8 +70,9 @@ def setup_flags(stage: int | None, offload_optimizer: str = "none", offload_para
 def table(rows, header) -> str:
     """Rows of cells as left-aligned plain-text columns two spaces apart, `header` first."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in (header, *rows))
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)
+    )
 
 
 def one_line(exc: BaseException) -> str:

@@ -15,8 +15,9 @@ this module imports no torch: the task's model is counted when the form first ne
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from html import escape
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import ipywidgets as widgets
 from IPython.core.error import UsageError
@@ -36,6 +37,7 @@ ERROR_COLOR = "var(--jp-error-color1, #d32f2f)"
 
 
 # --- the pure part ---------------------------------------------------------------------------
+
 
 def _is_dropdown(f: Field) -> bool:
     return f.meta.choices is not None and f.kind is not tuple
@@ -91,8 +93,9 @@ def magic_line(options: Mapping[str, Any]) -> str:
     The LoRA settings are left out while LoRA is off, where they change nothing.
     """
     lora_off = not options.get("lora")
-    return flags.magic_line({name: value for name, value in options.items()
-                             if not (lora_off and FIELDS[name].meta.group == "LoRA")})
+    return flags.magic_line(
+        {name: value for name, value in options.items() if not (lora_off and FIELDS[name].meta.group == "LoRA")}
+    )
 
 
 def memory_html(plan: Plan, counted: str) -> str:
@@ -103,9 +106,14 @@ def memory_html(plan: Plan, counted: str) -> str:
     if not plan.memory:
         return f"<i>unknown: {escape(counted)}</i>"
     c = plan.config
-    chosen = memory.model_state_memory(plan.total_params, plan.largest_layer_params, stage=c.zero,
-                                       offload_optimizer=c.offload_optimizer, offload_param=c.offload_param,
-                                       gpus_per_node=c.procs)
+    chosen = memory.model_state_memory(
+        plan.total_params,
+        plan.largest_layer_params,
+        stage=c.zero,
+        offload_optimizer=c.offload_optimizer,
+        offload_param=c.offload_param,
+        gpus_per_node=c.procs,
+    )
 
     def label(setup) -> str:
         return text.setup_flags(setup.stage, setup.offload_optimizer, setup.offload_param) or "plain Accelerate"
@@ -117,15 +125,19 @@ def memory_html(plan: Plan, counted: str) -> str:
     rows = "".join(
         f'<tr style="font-weight:{weight(row)}"><td>{label(row)}</td>'
         f"<td>{text.format_bytes(row.device_bytes)}</td><td>{text.format_bytes(row.host_bytes)}</td></tr>"
-        for row in plan.memory)
+        for row in plan.memory
+    )
     best = plan.recommendation
-    return (f"<div><b>{text.format_bytes(chosen.device_bytes)} per device</b>, "
-            f"{text.format_bytes(chosen.host_bytes)} on the host for {label(chosen)} "
-            f"(parameters, gradients and optimizer state; activations not included)</div>"
-            f"<div>model: {plan.total_params:,} parameters, largest layer {plan.largest_layer_params:,} "
-            f"({escape(counted)})</div>"
-            f"<table><tr><th>setup</th><th>per device</th><th>host</th></tr>{rows}</table>"
-            f"<div>recommended: {text.setup_flags(best.stage, best.offload_optimizer, best.offload_param) or 'plain Accelerate (no --zero)'}. {escape(best.reason)}</div>")
+    return (
+        f"<div><b>{text.format_bytes(chosen.device_bytes)} per device</b>, "
+        f"{text.format_bytes(chosen.host_bytes)} on the host for {label(chosen)} "
+        f"(parameters, gradients and optimizer state; activations not included)</div>"
+        f"<div>model: {plan.total_params:,} parameters, largest layer {plan.largest_layer_params:,} "
+        f"({escape(counted)})</div>"
+        f"<table><tr><th>setup</th><th>per device</th><th>host</th></tr>{rows}</table>"
+        f"<div>recommended: {label(best) if best.stage is not None else 'plain Accelerate (no --zero)'}. "
+        f"{escape(best.reason)}</div>"
+    )
 
 
 def _pre(text: str) -> str:
@@ -138,6 +150,7 @@ def _error_html(exc: BaseException) -> str:
 
 # --- the form --------------------------------------------------------------------------------
 
+
 def _control(f: Field) -> widgets.Widget:
     """The control a field's declaration asks for: checkbox, dropdown, number box or text."""
     if f.kind is bool:
@@ -145,7 +158,7 @@ def _control(f: Field) -> widgets.Widget:
     common = dict(description=f.meta.label, style={"description_width": "10em"}, layout={"width": "20em"})
     if _is_dropdown(f):
         if f.kind is int:
-            choices = (("none", "0", "1", "2", "3") if f.optional else tuple(map(str, f.meta.choices)))
+            choices = ("none", "0", "1", "2", "3") if f.optional else tuple(map(str, f.meta.choices))
         else:
             choices = tuple((text.precision_label(c), c) if f.name == "precision" else c for c in f.meta.choices)
         return widgets.Dropdown(options=choices, **common)
@@ -186,29 +199,42 @@ class ConfigForm:
         for name, value in form_values(self._starting_config()).items():
             self.controls[name].value = value
         self.error_view = widgets.HTML()
-        self.magic_view = widgets.Text(description="copy as magic", style={"description_width": "10em"},
-                                       layout={"width": "98%"})
+        self.magic_view = widgets.Text(
+            description="copy as magic", style={"description_width": "10em"}, layout={"width": "98%"}
+        )
         self.train_button = widgets.Button(description="Train", button_style="primary", icon="play")
-        self.apply_button = widgets.Button(description="Apply as defaults",
-                                           tooltip="later %nexa_train runs inherit these settings")
+        self.apply_button = widgets.Button(
+            description="Apply as defaults", tooltip="later %nexa_train runs inherit these settings"
+        )
         self.status_view = widgets.HTML()
         self.plan_view = widgets.HTML()
         self.memory_view = widgets.HTML()
         self.deepspeed_view = widgets.HTML()
         self.output = widgets.Output()
-        columns = [widgets.VBox([widgets.HTML(f"<b>{group}</b>"),
-                                 *(self.controls[f.name] for f in group_fields if f.name in self.controls)])
-                   for group, group_fields in by_group().items()]
-        self.widget = widgets.VBox([
-            widgets.GridBox(columns, layout={"grid_template_columns": "repeat(auto-fill, minmax(21em, 1fr))"}),
-            self.error_view,
-            self.magic_view,
-            widgets.HBox([self.train_button, self.apply_button, self.status_view]),
-            widgets.HTML("<b>plan</b>"), self.plan_view,
-            widgets.HTML("<b>model-state memory</b>"), self.memory_view,
-            widgets.HTML("<b>DeepSpeed config</b>"), self.deepspeed_view,
-            self.output,
-        ])
+        columns = [
+            widgets.VBox(
+                [
+                    widgets.HTML(f"<b>{group}</b>"),
+                    *(self.controls[f.name] for f in group_fields if f.name in self.controls),
+                ]
+            )
+            for group, group_fields in by_group().items()
+        ]
+        self.widget = widgets.VBox(
+            [
+                widgets.GridBox(columns, layout={"grid_template_columns": "repeat(auto-fill, minmax(21em, 1fr))"}),
+                self.error_view,
+                self.magic_view,
+                widgets.HBox([self.train_button, self.apply_button, self.status_view]),
+                widgets.HTML("<b>plan</b>"),
+                self.plan_view,
+                widgets.HTML("<b>model-state memory</b>"),
+                self.memory_view,
+                widgets.HTML("<b>DeepSpeed config</b>"),
+                self.deepspeed_view,
+                self.output,
+            ]
+        )
 
         for control in self.controls.values():
             control.observe(self.refresh, names="value")
@@ -240,8 +266,9 @@ class ConfigForm:
         self.magic_view.value = magic_line(options)
         self.status_view.value = ""
         try:
-            config = resolve_config(config_file=self.session.config_file, session=self.session.defaults,
-                                    arguments=options)
+            config = resolve_config(
+                config_file=self.session.config_file, session=self.session.defaults, arguments=options
+            )
             counts, counted = self._param_counts()
             total, largest = counts or (None, None)
             self.plan, self.error = make_plan(config, total_params=total, largest_layer_params=largest), None
@@ -256,8 +283,11 @@ class ConfigForm:
         self.error_view.value = ""
         self.plan_view.value = _pre(self.plan.describe())
         self.memory_view.value = memory_html(self.plan, counted)
-        self.deepspeed_view.value = (_pre(self.plan.deepspeed_json()) if self.plan.uses_deepspeed
-                                     else "<i>none: ZeRO is off, Accelerate trains without DeepSpeed</i>")
+        self.deepspeed_view.value = (
+            _pre(self.plan.deepspeed_json())
+            if self.plan.uses_deepspeed
+            else "<i>none: ZeRO is off, Accelerate trains without DeepSpeed</i>"
+        )
 
     def _keep_magic_line(self, change) -> None:
         """The line is there to be copied: an edit is undone."""
@@ -292,14 +322,27 @@ class ConfigForm:
         try:
             with self.output:
                 try:
-                    self.session.train_in_cell(self.find_task(), self.options(), output=self.output,
-                                               refresh_interval=self.refresh_interval, print_plan=False)
+                    self.session.train_in_cell(
+                        self.find_task(),
+                        self.options(),
+                        output=self.output,
+                        refresh_interval=self.refresh_interval,
+                        print_plan=False,
+                    )
                 except (UsageError, ConfigError, TrainingError) as exc:
                     failure = exc
                 if failure is not None:
                     worker = getattr(failure, "worker_traceback", "")
-                    display(HTML(_error_html(failure) + (f"<details><summary>the worker's traceback</summary>"
-                                                         f"{_pre(worker)}</details>" if worker else "")))
+                    display(
+                        HTML(
+                            _error_html(failure)
+                            + (
+                                f"<details><summary>the worker's traceback</summary>{_pre(worker)}</details>"
+                                if worker
+                                else ""
+                            )
+                        )
+                    )
         finally:
             self.refresh()
 

@@ -15,8 +15,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def regression_task(n: int = 256, dim: int = 8, hidden: int = 16, seed: int = 0, eval_n: int = 0, metrics=None,
-                    dropout: float = 0.0):
+def regression_task(
+    n: int = 256, dim: int = 8, hidden: int = 16, seed: int = 0, eval_n: int = 0, metrics=None, dropout: float = 0.0
+):
     """y = Xw + noise, learned by a small MLP (with dropout if asked); the model is a factory,
     built inside each worker."""
     import torch
@@ -37,8 +38,9 @@ def regression_task(n: int = 256, dim: int = 8, hidden: int = 16, seed: int = 0,
     def loss_fn(out, batch):
         return torch.nn.functional.mse_loss(out, batch[-1])
 
-    return nexa_nb.Task(model, pairs[:n], eval_data=pairs[n:] or None, loss_fn=loss_fn, metrics=metrics,
-                        name="regression")
+    return nexa_nb.Task(
+        model, pairs[:n], eval_data=pairs[n:] or None, loss_fn=loss_fn, metrics=metrics, name="regression"
+    )
 
 
 def weights_dump_metric(folder):

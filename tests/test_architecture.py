@@ -35,7 +35,9 @@ def imports(name: str) -> list[tuple[str, str | None, ast.AST]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base.startswith("nexa_nb"):
                 for alias in node.names:
                     submodule = f"{base}.{alias.name}"
@@ -46,9 +48,14 @@ def imports(name: str) -> list[tuple[str, str | None, ast.AST]]:
 def graph() -> dict[str, set[str]]:
     """Module -> the nexa_nb modules it imports. An import of one of its own packages (``from nexa_nb
     import __version__``) is left out: importing any module runs its packages' ``__init__`` first anyway."""
-    return {name: {target for target, _, _ in imports(name)
-                   if target in MODULES and target != name and not name.startswith(target + ".")}
-            for name in MODULES}
+    return {
+        name: {
+            target
+            for target, _, _ in imports(name)
+            if target in MODULES and target != name and not name.startswith(target + ".")
+        }
+        for name in MODULES
+    }
 
 
 def test_no_import_cycle():
@@ -58,7 +65,7 @@ def test_no_import_cycle():
     def visit(node, path, on_path):
         for target in sorted(edges[node]):
             if target in on_path:
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append(path[path.index(target) :] + [target])
             elif target not in done:
                 visit(target, path + [target], on_path | {target})
         done.add(node)
@@ -71,24 +78,40 @@ def test_no_import_cycle():
 
 
 def test_no_module_imports_another_modules_private_names():
-    leaks = [f"{name} imports {taken} from {source}" for name in MODULES for source, taken, _ in imports(name)
-             if taken and taken.startswith("_") and not taken.startswith("__") and source != name]
+    leaks = [
+        f"{name} imports {taken} from {source}"
+        for name in MODULES
+        for source, taken, _ in imports(name)
+        if taken and taken.startswith("_") and not taken.startswith("__") and source != name
+    ]
     for name, tree in TREES.items():
-        aliases = {alias.asname or alias.name.rsplit(".", 1)[-1]
-                   for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                   for alias in node.names
-                   if f"{getattr(node, 'module', '') or ''}.{alias.name}".strip(".") in MODULES or alias.name in MODULES}
-        leaks += [f"{name} uses {node.value.id}.{node.attr}" for node in ast.walk(tree)
-                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                  and node.value.id in aliases and node.attr.startswith("_") and not node.attr.startswith("__")]
+        aliases = {
+            alias.asname or alias.name.rsplit(".", 1)[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+            if f"{getattr(node, 'module', '') or ''}.{alias.name}".strip(".") in MODULES or alias.name in MODULES
+        }
+        leaks += [
+            f"{name} uses {node.value.id}.{node.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ]
     assert not leaks
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_function_over_100_lines(name):
-    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(TREES[name])
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(TREES[name])
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION
+    ]
     assert not long
 
 
@@ -100,8 +123,9 @@ def test_the_form_does_not_import_the_magics():
     assert "nexa_nb.magics" not in graph()["nexa_nb.widgets_form"]
 
 
-@pytest.mark.parametrize("module", ["nexa_nb", "nexa_nb.magics", "nexa_nb.widgets_form", "nexa_nb.settings",
-                                    "nexa_nb.engine.checkpoints"])
+@pytest.mark.parametrize(
+    "module", ["nexa_nb", "nexa_nb.magics", "nexa_nb.widgets_form", "nexa_nb.settings", "nexa_nb.engine.checkpoints"]
+)
 def test_importing_loads_neither_torch_nor_deepspeed(module):
     code = f"import sys, {module}; print([m for m in ('torch', 'deepspeed') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

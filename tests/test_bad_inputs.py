@@ -66,8 +66,7 @@ def prepare_inputs(folder: Path) -> dict:
         "small_task": linear_task(data=linear_data(8)),
         "no_loss_task": nexa_nb.Task(no_loss_model(), linear_data()),
         "vector_loss_task": nexa_nb.Task(no_loss_model(), linear_data(), loss_fn=loss_not_scalar),
-        "string_collate_task": nexa_nb.Task(no_loss_model(), linear_data(), loss_fn=mse,
-                                            collate_fn=collate_to_string),
+        "string_collate_task": nexa_nb.Task(no_loss_model(), linear_data(), loss_fn=mse, collate_fn=collate_to_string),
         "wrong_shape_task": nexa_nb.Task(wrong_shape_model(), linear_data(), loss_fn=mse),
         "empty_eval_task": nexa_nb.Task(no_loss_model(), linear_data(), eval_data=[], loss_fn=mse),
     }

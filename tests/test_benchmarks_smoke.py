@@ -15,8 +15,16 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ["1_loop_parity_1proc", "1_loop_parity_2proc", "2_dashboard_cost", "3_accumulation",
-           "4_memory_plan_min", "4_memory_plan_max", "5a_load_ext_seconds", "5b_startup"]
+FIGURES = [
+    "1_loop_parity_1proc",
+    "1_loop_parity_2proc",
+    "2_dashboard_cost",
+    "3_accumulation",
+    "4_memory_plan_min",
+    "4_memory_plan_max",
+    "5a_load_ext_seconds",
+    "5b_startup",
+]
 
 
 def number(x) -> bool:
@@ -26,8 +34,13 @@ def number(x) -> bool:
 def test_quick_run_writes_every_figure(tmp_path):
     results = ROOT / "benchmarks" / "results"
     before = sorted(results.iterdir()) if results.is_dir() else []
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (sorted(results.iterdir()) if results.is_dir() else []) == before  # --out was honoured
 
@@ -51,6 +64,6 @@ def test_quick_run_writes_every_figure(tmp_path):
         assert all(figure["checks"].values()), (key, figure["checks"])  # same weights, nothing heavy imported...
         assert len(figure["load_average"]["before"]) == 3
 
-    table = proc.stdout[proc.stdout.index("figure "):]
+    table = proc.stdout[proc.stdout.index("figure ") :]
     for key in FIGURES:
         assert data["figures"][key]["title"] in table

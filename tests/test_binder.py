@@ -55,14 +55,25 @@ def test_binder_files_build_an_environment_that_runs_the_quickstart(tmp_path):
         PYTHONNOUSERSITE="1",
     )
     pip_options = ["--retries", "1", "--timeout", "60", "--disable-pip-version-check"]
-    run([str(bin_dir / "python"), "-m", "pip", "install", *pip_options, "-r", str(BINDER / "requirements.txt")],
-        cwd=ROOT, env=env)
+    run(
+        [str(bin_dir / "python"), "-m", "pip", "install", *pip_options, "-r", str(BINDER / "requirements.txt")],
+        cwd=ROOT,
+        env=env,
+    )
     run(["bash", str(BINDER / "postBuild")], cwd=ROOT, env=env)
     installed = time.monotonic()
 
-    versions = json.loads(run([str(bin_dir / "python"), "-c",
-                               "import json, torch, nexa_nb, sys; print(json.dumps([torch.__version__, "
-                               "torch.version.cuda, nexa_nb.__file__, sys.executable]))"], env=env))
+    versions = json.loads(
+        run(
+            [
+                str(bin_dir / "python"),
+                "-c",
+                "import json, torch, nexa_nb, sys; print(json.dumps([torch.__version__, "
+                "torch.version.cuda, nexa_nb.__file__, sys.executable]))",
+            ],
+            env=env,
+        )
+    )
     assert versions[0].endswith("+cpu") and versions[1] is None, versions  # the CPU build, not CUDA's
     assert Path(versions[2]).is_relative_to(ROOT), versions  # this checkout, editable
     assert Path(versions[3]).parent == bin_dir, versions
@@ -71,11 +82,24 @@ def test_binder_files_build_an_environment_that_runs_the_quickstart(tmp_path):
     # tutorials' helpers beside it, as in notebooks/, where the kernel imports them from.
     notebook = tmp_path / "00_quickstart.ipynb"
     shutil.copy(ROOT / "notebooks" / "00_quickstart.ipynb", notebook)
-    shutil.copytree(ROOT / "notebooks" / "nexa_tutorials", tmp_path / "nexa_tutorials",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    run([str(bin_dir / "jupyter"), "nbconvert", "--to", "notebook", "--execute", "--inplace",
-         "--ExecutePreprocessor.timeout=1200", "--ExecutePreprocessor.kernel_name=python3", str(notebook)],
-        cwd=tmp_path, env=env)
+    shutil.copytree(
+        ROOT / "notebooks" / "nexa_tutorials", tmp_path / "nexa_tutorials", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    run(
+        [
+            str(bin_dir / "jupyter"),
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--inplace",
+            "--ExecutePreprocessor.timeout=1200",
+            "--ExecutePreprocessor.kernel_name=python3",
+            str(notebook),
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     executed = time.monotonic()
 
     cells = nbformat.read(notebook, as_version=4).cells
@@ -85,5 +109,6 @@ def test_binder_files_build_an_environment_that_runs_the_quickstart(tmp_path):
     assert "TrainResult(completed, 40 steps" in text and "TrainResult(completed, 80 steps" in text
     assert sum("image/svg+xml" in o.get("data", {}) for o in outputs) == 2  # the dashboard's two pictures
     assert not (tmp_path / "ckpt").exists()  # the notebook cleans up after itself
-    print(f"binder environment: installed in {installed - started:.0f} s, quickstart ran in "
-          f"{executed - installed:.0f} s")
+    print(
+        f"binder environment: installed in {installed - started:.0f} s, quickstart ran in {executed - installed:.0f} s"
+    )

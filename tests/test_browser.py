@@ -11,10 +11,9 @@ import time
 
 import nbformat
 import pytest
+from browser.lab import ARTIFACTS, CHROMIUM, JupyterLab, chromium, training_notebook
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
-
-from browser.lab import ARTIFACTS, CHROMIUM, JupyterLab, chromium, training_notebook
 
 pytestmark = [
     pytest.mark.browser,
@@ -101,8 +100,11 @@ def test_live_dashboard_in_jupyterlab(tmp_path):
     left = []
     try:
         lab.start()
-        nb = training_notebook(f"res = %nexa_train --procs 2 --max-steps {STEPS}", sleep=0.15,
-                               more=("print('result:', res.status, len(res.history))",))
+        nb = training_notebook(
+            f"res = %nexa_train --procs 2 --max-steps {STEPS}",
+            sleep=0.15,
+            more=("print('result:', res.status, len(res.history))",),
+        )
         nbformat.write(nb, lab.root / "test.ipynb")
 
         with sync_playwright() as playwright, chromium(playwright) as browser:
@@ -130,8 +132,10 @@ def test_live_dashboard_in_jupyterlab(tmp_path):
                 time.sleep(0.1)
             else:
                 screenshot(page, "browser-failure.png")
-                pytest.fail(f"the training cell did not finish; prompts {page.evaluate(PROMPTS_JS)}, "
-                            f"training cell {snap}\n{lab.log_tail()}")
+                pytest.fail(
+                    f"the training cell did not finish; prompts {page.evaluate(PROMPTS_JS)}, "
+                    f"training cell {snap}\n{lab.log_tail()}"
+                )
 
             result = page.locator(".jp-Cell").nth(TRAIN_CELL + 1).locator(".jp-OutputArea-output")
             result.wait_for(timeout=30_000)

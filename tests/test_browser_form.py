@@ -16,10 +16,9 @@ import time
 
 import nbformat
 import pytest
+from browser.lab import ARTIFACTS, CHROMIUM, TASK_CELL, JupyterLab, chromium, notebook, run_all_cells
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
-
-from browser.lab import ARTIFACTS, CHROMIUM, TASK_CELL, JupyterLab, chromium, notebook, run_all_cells
 
 pytestmark = [
     pytest.mark.browser,
@@ -174,8 +173,12 @@ def test_config_form_in_jupyterlab(tmp_path):
     left = []
     try:
         lab.start()
-        nb = notebook("%load_ext nexa_nb", "%config NexaMagics.refresh_interval = 0.2",
-                      TASK_CELL.replace("SLEEP", "0.15"), "%nexa_config --widget")
+        nb = notebook(
+            "%load_ext nexa_nb",
+            "%config NexaMagics.refresh_interval = 0.2",
+            TASK_CELL.replace("SLEEP", "0.15"),
+            "%nexa_config --widget",
+        )
         nbformat.write(nb, lab.root / "form.ipynb")
 
         with sync_playwright() as playwright, chromium(playwright) as browser:

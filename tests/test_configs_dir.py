@@ -21,13 +21,19 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FILES = sorted(p for p in CONFIGS.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
 YAMLS = {p: yaml.safe_load(p.read_text()) or {} for p in FILES if p.suffix != ".json"}
 # Plain CPU runs, which `accelerate test` can check on any machine.
-CPU_YAMLS = [p for p, data in YAMLS.items()
-             if data.get("use_cpu") is True and data.get("distributed_type") != "DEEPSPEED"]
+CPU_YAMLS = [
+    p for p, data in YAMLS.items() if data.get("use_cpu") is True and data.get("distributed_type") != "DEEPSPEED"
+]
 
 GIB = 2**30
 CPU = Hardware(cpu_cores=2, host_memory_bytes=16 * GIB, host_available_bytes=12 * GIB)
-GPU = Hardware(gpus=(Gpu("NVIDIA A100-SXM4-80GB", 80 * GIB, 8.0),) * 2, cpu_cores=16, host_memory_bytes=256 * GIB,
-               host_available_bytes=200 * GIB, bf16_gpu=True)
+GPU = Hardware(
+    gpus=(Gpu("NVIDIA A100-SXM4-80GB", 80 * GIB, 8.0),) * 2,
+    cpu_cores=16,
+    host_memory_bytes=256 * GIB,
+    host_available_bytes=200 * GIB,
+    bf16_gpu=True,
+)
 
 
 def ids(paths):
@@ -77,8 +83,9 @@ def test_file_plans(path, hardware):
         ds = plan.deepspeed_config
         assert "auto" not in values(ds)
         assert ds["train_batch_size"] == plan.effective_batch
-        assert ds["train_batch_size"] == (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
-                                          * plan.procs)
+        assert ds["train_batch_size"] == (
+            ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * plan.procs
+        )
         assert ds["zero_optimization"]["stage"] == cfg.zero
 
 
@@ -90,8 +97,14 @@ def test_cpu_yaml_passes_accelerate_test(path, tmp_path):
     # only when told to use the CPU, as cpu_multi.yaml's header says.
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", ACCELERATE_USE_CPU="1")
     # accelerate's test script writes scratch files into the working directory: a private one
-    result = subprocess.run([str(bin_dir / "accelerate"), "test", "--config_file", str(path.absolute())],
-                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [str(bin_dir / "accelerate"), "test", "--config_file", str(path.absolute())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Test is a success" in result.stdout
     procs = YAMLS[path].get("num_processes", 1)

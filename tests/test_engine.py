@@ -37,8 +37,9 @@ def _plain_losses(procs: int) -> list[float]:
     if procs not in PLAIN_LOSSES:
         from nexa_nb.events import RecordingSink
 
-        PLAIN_LOSSES[procs] = nexa_nb.train(regression_task(), sinks=[RecordingSink()], procs=procs,
-                                            max_steps=12, lr=0.02).losses
+        PLAIN_LOSSES[procs] = nexa_nb.train(
+            regression_task(), sinks=[RecordingSink()], procs=procs, max_steps=12, lr=0.02
+        ).losses
     return PLAIN_LOSSES[procs]
 
 
@@ -65,9 +66,15 @@ def test_zero_stages_train_and_follow_the_plain_run(options, procs, quiet):
     assert losses == pytest.approx(_plain_losses(procs), rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("options", [pytest.param({}, id="plain"), pytest.param(dict(zero=2), id="zero2"),
-                                     pytest.param(dict(zero=3, procs=2), id="zero3-2procs"),
-                                     pytest.param(dict(dropout=0.3, procs=2, eval_every=5), id="dropout-eval-2procs")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param(dict(zero=2), id="zero2"),
+        pytest.param(dict(zero=3, procs=2), id="zero3-2procs"),
+        pytest.param(dict(dropout=0.3, procs=2, eval_every=5), id="dropout-eval-2procs"),
+    ],
+)
 def test_resume_from_a_checkpoint_continues_the_same_loss_curve(options, tmp_path, quiet):
     """Resumed mid-epoch (16 steps an epoch), through an epoch boundary; with dropout, the
     masks after the resume are the ones the uninterrupted run drew."""

@@ -52,8 +52,9 @@ def pad_collate(samples):
     width = max(len(s["input_ids"]) for s in samples)
     ids = [s["input_ids"] + [0] * (width - len(s["input_ids"])) for s in samples]
     mask = [[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"])) for s in samples]
-    return BatchEncoding({"input_ids": ids, "attention_mask": mask, "labels": [s["labels"] for s in samples]},
-                         tensor_type="pt")
+    return BatchEncoding(
+        {"input_ids": ids, "attention_mask": mask, "labels": [s["labels"] for s in samples]}, tensor_type="pt"
+    )
 
 
 def test_a_batch_encoding_is_called_cast_and_counted_like_a_dict():
@@ -96,8 +97,10 @@ def test_mlflow_logs_offline_unless_the_user_chose_a_server(tmp_path, monkeypatc
 
 
 def test_checkpoint_state_and_registries_need_no_torch():
-    code = ("import sys, nexa_nb.engine.checkpoints, nexa_nb.engine.outcome, nexa_nb.schedules, nexa_nb.trackers; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, nexa_nb.engine.checkpoints, nexa_nb.engine.outcome, nexa_nb.schedules, nexa_nb.trackers; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

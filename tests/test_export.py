@@ -28,6 +28,7 @@ TIMEOUT = 240
 
 # --- the task, defined in this module -------------------------------------------------------
 
+
 class Regressor(nn.Module):
     def __init__(self):
         super().__init__()
@@ -61,6 +62,7 @@ def make_task(data=TRAIN_DATA):
 
 # --- helpers ----------------------------------------------------------------------------------
 
+
 def subprocess_env(with_tests: bool = True) -> dict[str, str]:
     """This environment, with this module importable if asked, and the venv's tools on PATH.
 
@@ -72,8 +74,14 @@ def subprocess_env(with_tests: bool = True) -> dict[str, str]:
 
 
 def accelerate(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "accelerate"), *args], cwd=cwd, env=env or subprocess_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        [str(BIN / "accelerate"), *args],
+        cwd=cwd,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, f"accelerate {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -109,6 +117,7 @@ def exported(tmp_path_factory):
 
 # --- a module-defined task --------------------------------------------------------------------
 
+
 def test_module_task_is_imported_by_reference(exported):
     folder, files = exported
     assert files.task_file is None
@@ -124,8 +133,17 @@ def test_module_task_is_imported_by_reference(exported):
 @pytest.mark.slow
 def test_two_processes_match_the_notebook(exported, notebook_losses):
     folder, files = exported
-    accelerate("launch", "--config_file", files.accelerate_config, "--num_processes", "2", files.script,
-               "--history-out", "two.json", cwd=folder)
+    accelerate(
+        "launch",
+        "--config_file",
+        files.accelerate_config,
+        "--num_processes",
+        "2",
+        files.script,
+        "--history-out",
+        "two.json",
+        cwd=folder,
+    )
     run = result(folder / "two.json")
     assert (run["distributed_type"], run["num_processes"]) == ("MULTI_CPU", 2)
     assert run["losses"] == pytest.approx(notebook_losses, abs=1e-6)
@@ -137,12 +155,30 @@ def test_two_machines_on_loopback_match_the_notebook(exported, notebook_losses):
     port = str(free_port())
     machines = []
     for rank in (0, 1):
-        command = [str(BIN / "accelerate"), "launch", "--config_file", files.accelerate_config,
-                   "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-                   "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-                   files.script, "--history-out", f"machine{rank}.json"]
-        machines.append(subprocess.Popen(command, cwd=folder, env=subprocess_env(), text=True,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        command = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            files.accelerate_config,
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            files.script,
+            "--history-out",
+            f"machine{rank}.json",
+        ]
+        machines.append(
+            subprocess.Popen(
+                command, cwd=folder, env=subprocess_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
     try:
         outputs = [m.communicate(timeout=TIMEOUT)[0] for m in machines]
     finally:
@@ -178,8 +214,14 @@ def test_main_task_travels_by_value_and_matches_the_notebook(tmp_path, notebook_
     definitions = "\n\n".join(inspect.getsource(obj) for obj in (Regressor, make_model, loss_fn, regression_data))
     definitions += "\n\nTRAIN_DATA = regression_data()\n\n\n" + inspect.getsource(make_task)
     (tmp_path / "notebook.py").write_text(NOTEBOOK.format(definitions=definitions, options=OPTIONS))
-    proc = subprocess.run([sys.executable, "notebook.py"], cwd=tmp_path, env=subprocess_env(with_tests=False),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, "notebook.py"],
+        cwd=tmp_path,
+        env=subprocess_env(with_tests=False),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = json.loads(proc.stdout.splitlines()[-1])
     assert files["task_file"] == "train.task.pkl"
@@ -187,30 +229,44 @@ def test_main_task_travels_by_value_and_matches_the_notebook(tmp_path, notebook_
     assert "load it only from a trusted source" in files["explanation"]
     assert "test_export" not in (tmp_path / "train.py").read_text()
 
-    accelerate("launch", "--config_file", "train.accelerate.yaml", "--num_processes", "2", "train.py",
-               "--history-out", "run.json", cwd=tmp_path, env=subprocess_env(with_tests=False))
+    accelerate(
+        "launch",
+        "--config_file",
+        "train.accelerate.yaml",
+        "--num_processes",
+        "2",
+        "train.py",
+        "--history-out",
+        "run.json",
+        cwd=tmp_path,
+        env=subprocess_env(with_tests=False),
+    )
     assert result(tmp_path / "run.json")["losses"] == pytest.approx(notebook_losses, abs=1e-6)
 
 
 # --- DeepSpeed -----------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_deepspeed_zero2_export_matches_the_notebook(tmp_path, notebook_zero2_losses):
-    files = export_script(make_task(regression_data()), resolve_config(arguments={**OPTIONS, "zero": 2}),
-                          tmp_path / "train.py")
+    files = export_script(
+        make_task(regression_data()), resolve_config(arguments={**OPTIONS, "zero": 2}), tmp_path / "train.py"
+    )
     assert files.task_file == str(tmp_path / "train.task.pkl")  # the data is not a module global: by value
     config = yaml.safe_load(Path(files.accelerate_config).read_text())
     assert config["distributed_type"] == "DEEPSPEED" and config["num_processes"] == 2
     assert config["deepspeed_config"]["zero_stage"] == 2 and config["deepspeed_config"]["zero3_init_flag"] is False
 
-    accelerate("launch", "--config_file", files.accelerate_config, files.script, "--history-out", "run.json",
-               cwd=tmp_path)
+    accelerate(
+        "launch", "--config_file", files.accelerate_config, files.script, "--history-out", "run.json", cwd=tmp_path
+    )
     run = result(tmp_path / "run.json")
     assert (run["distributed_type"], run["num_processes"]) == ("DEEPSPEED", 2)
     assert run["losses"] == pytest.approx(notebook_zero2_losses, abs=1e-6)
 
 
 # --- accelerate configs ----------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("procs, planned", [(1, "NO"), (2, "MULTI_CPU")])
@@ -221,8 +277,7 @@ def test_saved_config_passes_accelerate_test(tmp_path, procs, planned):
     assert nexa_nb.make_plan(resolve_config(config_file=path)).distributed_type == planned
     # accelerate's own test script builds a plain Accelerator(); on a CPU host the workers only
     # join one process group when told to use the CPU, as the YAML's header says.
-    proc = accelerate("test", "--config_file", path, cwd=tmp_path,
-                      env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"})
+    proc = accelerate("test", "--config_file", path, cwd=tmp_path, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"})
     assert "Test is a success" in proc.stdout
     assert proc.stdout.count(f"Num processes: {procs}") == procs
 
@@ -234,6 +289,7 @@ def test_accelerate_yaml_for_several_machines():
 
 
 # --- what must not be written ----------------------------------------------------------------------
+
 
 class OpenFileData:
     def __init__(self, path):
@@ -278,8 +334,9 @@ def test_script_must_not_shadow_a_module(tmp_path):
 def test_environment_secrets_are_never_written(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "secret123")
     monkeypatch.setenv("HF_TOKEN", "hf_exporttoken42")
-    files = export_script(make_task(regression_data()), resolve_config(arguments={**OPTIONS, "zero": 2}),
-                          tmp_path / "ok" / "train.py")
+    files = export_script(
+        make_task(regression_data()), resolve_config(arguments={**OPTIONS, "zero": 2}), tmp_path / "ok" / "train.py"
+    )
     written = list((tmp_path / "ok").iterdir())
     assert {p.name for p in written} == {"train.py", "train.task.pkl", "train.accelerate.yaml"}
     for path in written:
@@ -293,6 +350,7 @@ def test_environment_secrets_are_never_written(tmp_path, monkeypatch):
         return loss_fn(outputs, batch)
 
     with pytest.raises(TrainingError, match=r"the value of \$HF_TOKEN would be written into train.task.pkl"):
-        export_script(Task(make_model, TRAIN_DATA, loss_fn=loss_with_token), resolve_config(),
-                      tmp_path / "refused" / "train.py")
+        export_script(
+            Task(make_model, TRAIN_DATA, loss_fn=loss_with_token), resolve_config(), tmp_path / "refused" / "train.py"
+        )
     assert not (tmp_path / "refused").exists()

@@ -43,16 +43,17 @@ def _task(limit: int, rank: int | None = None):
 @pytest.mark.parametrize("procs,rank", [(1, None), (2, 1)])
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(procs, rank, quiet):
     result = nexa_nb.train(_task(limit=4, rank=rank), sinks=[quiet], procs=procs, batch_size=8, max_steps=6, lr=0.02)
-    direct = nexa_nb.train(_task(limit=4), sinks=[quiet], procs=procs, batch_size=4, grad_accum=2, max_steps=6,
-                           lr=0.02)
+    direct = nexa_nb.train(_task(limit=4), sinks=[quiet], procs=procs, batch_size=4, grad_accum=2, max_steps=6, lr=0.02)
 
     assert (result.plan.micro_batch, result.plan.grad_accum) == (4, 2)
     assert result.plan.effective_batch == 8 * procs
     assert result.losses == pytest.approx(direct.losses, abs=1e-6)
     notes = [e.message for e in quiet.events if isinstance(e, ev.Note)]
     where = " on rank 1" if procs == 2 else ""
-    assert notes[0] == (f"out of memory{where} at micro-batch 8: retrying with micro-batch 4 x accumulation 2 "
-                        f"(effective batch {8 * procs}, unchanged)")
+    assert notes[0] == (
+        f"out of memory{where} at micro-batch 8: retrying with micro-batch 4 x accumulation 2 "
+        f"(effective batch {8 * procs}, unchanged)"
+    )
 
 
 def test_out_of_memory_gives_up_at_micro_batch_one_with_the_fix(quiet):
@@ -102,13 +103,15 @@ def test_a_killed_worker_fails_the_run_quickly_naming_the_rank(tmp_path, quiet):
     killer = _AtStep(5, kill_one)
     expected = r"rank [01] (killed by SIGKILL|died without reporting an error).*--resume latest"
     with pytest.raises(TrainingError, match=expected):
-        nexa_nb.train(_SlowTask.make(), sinks=[quiet, killer], procs=2, max_steps=200, ckpt_dir=str(tmp_path),
-                      ckpt_every=2)
+        nexa_nb.train(
+            _SlowTask.make(), sinks=[quiet, killer], procs=2, max_steps=200, ckpt_dir=str(tmp_path), ckpt_every=2
+        )
     assert time.monotonic() - killer.done_at < 30
     assert not _workers()
 
-    resumed = nexa_nb.train(regression_task(n=512), sinks=[quiet], procs=2, max_steps=8, ckpt_dir=str(tmp_path),
-                            resume="latest")
+    resumed = nexa_nb.train(
+        regression_task(n=512), sinks=[quiet], procs=2, max_steps=8, ckpt_dir=str(tmp_path), resume="latest"
+    )
     started = next(e for e in quiet.events[::-1] if isinstance(e, ev.RunStarted))
     assert started.start_step >= 5 - 2  # at most one checkpoint interval lost
     assert resumed.status == "completed"
@@ -122,8 +125,9 @@ def test_an_interrupt_stops_every_worker_and_keeps_the_last_checkpoint(tmp_path,
         os.kill(os.getpid(), signal.SIGINT)  # what the kernel's stop button sends
 
     stopper = _AtStep(4, interrupt)
-    result = nexa_nb.train(_SlowTask.make(), sinks=[quiet, stopper], procs=2, max_steps=200,
-                           ckpt_dir=str(tmp_path), ckpt_every=2)
+    result = nexa_nb.train(
+        _SlowTask.make(), sinks=[quiet, stopper], procs=2, max_steps=200, ckpt_dir=str(tmp_path), ckpt_every=2
+    )
     stopped = time.monotonic()
 
     assert result.status == "interrupted"
@@ -134,7 +138,8 @@ def test_an_interrupt_stops_every_worker_and_keeps_the_last_checkpoint(tmp_path,
     assert end.status == "interrupted"
     assert result.checkpoint_dir and os.path.isdir(result.checkpoint_dir)
     # the kernel is usable: the next run works, from the kept checkpoint
-    again = nexa_nb.train(regression_task(n=512), sinks=[quiet], procs=2, max_steps=6, ckpt_dir=str(tmp_path),
-                          resume="latest")
+    again = nexa_nb.train(
+        regression_task(n=512), sinks=[quiet], procs=2, max_steps=6, ckpt_dir=str(tmp_path), resume="latest"
+    )
     assert again.status == "completed"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

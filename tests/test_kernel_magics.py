@@ -44,8 +44,7 @@ CELLS = [
     "print(json.dumps(res.losses))\n"
     "assert res.losses[-1] < res.losses[0]",
     "%nexa_config --grad-accum 2 --batch-size 4",
-    "%config NexaMagics.dashboard = False\n"
-    "res2 = %nexa_train --max-steps 3",
+    "%config NexaMagics.dashboard = False\nres2 = %nexa_train --max-steps 3",
     "print(res2.plan.grad_accum, res2.plan.micro_batch, len(res2.history), res2.distributed_type)\n"
     "assert nexa_nb.last_result() is res2",
     "%nexa_train --zero 7",
@@ -61,9 +60,15 @@ def kernel_name(tmp_path, monkeypatch):
     """A kernelspec for this interpreter, found through JUPYTER_PATH."""
     spec = tmp_path / "jupyter" / "kernels" / "nexa-test"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "nexa_nb test", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "nexa_nb test",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     return "nexa-test"
 

@@ -50,8 +50,7 @@ def test_pitfall_03_deepspeed_is_not_dropped_on_a_cpu_host(procs, quiet):
 
 def test_pitfall_04_deepspeed_world_size_agrees_with_accelerate(quiet):
     """Without cpu=True, 2 DeepSpeed workers failed: train_batch_size 32 != 16 * 2 * 2."""
-    result = nexa_nb.train(regression_task(), sinks=[quiet], procs=2, zero=2, batch_size=16, grad_accum=2,
-                           max_steps=2)
+    result = nexa_nb.train(regression_task(), sinks=[quiet], procs=2, zero=2, batch_size=16, grad_accum=2, max_steps=2)
     assert result.num_processes == 2
     assert result.plan.deepspeed_config["train_batch_size"] == 16 * 2 * 2
 
@@ -130,7 +129,8 @@ def test_pitfall_11_fp16_on_a_cpu_host_says_what_ran(quiet):
     assert result.plan.precision == "bf16"
     assert started.plan_summary["precision"] == "bf16"
     assert [n for n in started.notes if "fp16" in n] == [
-        "fp16 needs a CUDA GPU; this run trains in bf16 on the CPU instead"]
+        "fp16 needs a CUDA GPU; this run trains in bf16 on the CPU instead"
+    ]
     with pytest.raises(nexa_nb.ConfigError, match="strict"):
         nexa_nb.train(regression_task(), sinks=[quiet], precision="fp16", strict=True, force_cpu=True)
 
@@ -152,8 +152,14 @@ def test_a_kernel_that_ran_multithreaded_torch_can_still_fork_workers(tmp_path):
         print(result.status)
     """)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
     assert done.stdout.strip().splitlines()[-1] == "completed", done.stderr[-2000:]
 
 
@@ -200,8 +206,11 @@ class _WithUnusedHead(torch.nn.Module):
 def test_ddp_unused_parameters_are_named_with_the_fix_and_the_option_trains(quiet):
     task = regression_task()
     task = nexa_nb.Task(_WithUnusedHead, task.train_data, loss_fn=task.loss_fn)
-    with pytest.raises(TrainingError, match=r"take no part in the loss.*pooler\.weight, pooler\.bias\. "
-                                            r"Fix: .*--find-unused-parameters"):
+    with pytest.raises(
+        TrainingError,
+        match=r"take no part in the loss.*pooler\.weight, pooler\.bias\. "
+        r"Fix: .*--find-unused-parameters",
+    ):
         nexa_nb.train(task, sinks=[quiet], procs=2, max_steps=3)
 
     result = nexa_nb.train(task, sinks=[quiet], procs=2, max_steps=3, find_unused_parameters=True)

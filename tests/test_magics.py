@@ -22,21 +22,33 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import nexa_nb
-from nexa_nb import api, launch, memory
+from nexa_nb import api, launch, memory, text
 from nexa_nb.api import prepare
-from nexa_nb import text
-from nexa_nb.session import Session
 from nexa_nb.config import FIELD_NAMES, resolve_config
 from nexa_nb.errors import TrainingError
 from nexa_nb.hardware import Gpu, Hardware, probe
+from nexa_nb.session import Session
 
 GiB = 2**30
 CPU_HOST = Hardware(cpu_cores=2, host_memory_bytes=16 * GiB, host_available_bytes=12 * GiB)
-GPU_HOST = Hardware(gpus=(Gpu("NVIDIA H100", 80 * GiB),) * 2, cpu_cores=16, host_memory_bytes=256 * GiB,
-                    host_available_bytes=200 * GiB, bf16_gpu=True)
-CONFIG_ENV = ("ACCELERATE_MIXED_PRECISION", "GRADIENT_ACCUMULATION_STEPS", "FORCE_CPU", "USE_DEEPSPEED",
-              "DEEPSPEED_ZERO_STAGE", "DEEPSPEED_OFFLOAD_OPTIMIZER", "DEEPSPEED_OFFLOAD_PARAM",
-              "ACCELERATE_GRADIENT_CHECKPOINTING", "SEED")
+GPU_HOST = Hardware(
+    gpus=(Gpu("NVIDIA H100", 80 * GiB),) * 2,
+    cpu_cores=16,
+    host_memory_bytes=256 * GiB,
+    host_available_bytes=200 * GiB,
+    bf16_gpu=True,
+)
+CONFIG_ENV = (
+    "ACCELERATE_MIXED_PRECISION",
+    "GRADIENT_ACCUMULATION_STEPS",
+    "FORCE_CPU",
+    "USE_DEEPSPEED",
+    "DEEPSPEED_ZERO_STAGE",
+    "DEEPSPEED_OFFLOAD_OPTIMIZER",
+    "DEEPSPEED_OFFLOAD_PARAM",
+    "ACCELERATE_GRADIENT_CHECKPOINTING",
+    "SEED",
+)
 ON_GPU = probe().has_cuda
 
 
@@ -113,6 +125,7 @@ def usage_error(shell, magic: str, line: str) -> str:
 
 # --- loading and help ---------------------------------------------------------------------------
 
+
 def test_load_ext_is_fast_and_imports_no_torch(tmp_path):
     code = textwrap.dedent("""
         import sys, time
@@ -142,10 +155,33 @@ def test_loading_again_keeps_one_instance_and_its_defaults(shell, nexa):
     assert nexa.session.defaults == {"zero": 2}
 
 
-FLAGS = ("--zero", "--offload", "--offload-optimizer", "--offload-param", "--nvme-path", "--fp16", "--bf16",
-         "--fp32", "--strict", "--batch-size", "--grad-accum", "--target-batch", "--procs", "--epochs",
-         "--max-steps", "--lr", "--seed", "--lora", "--lora-r", "--lora-alpha", "--grad-ckpt", "--ckpt-dir",
-         "--ckpt-every", "--resume", "--config")
+FLAGS = (
+    "--zero",
+    "--offload",
+    "--offload-optimizer",
+    "--offload-param",
+    "--nvme-path",
+    "--fp16",
+    "--bf16",
+    "--fp32",
+    "--strict",
+    "--batch-size",
+    "--grad-accum",
+    "--target-batch",
+    "--procs",
+    "--epochs",
+    "--max-steps",
+    "--lr",
+    "--seed",
+    "--lora",
+    "--lora-r",
+    "--lora-alpha",
+    "--grad-ckpt",
+    "--ckpt-dir",
+    "--ckpt-every",
+    "--resume",
+    "--config",
+)
 
 
 @pytest.mark.parametrize("magic", ["nexa_train", "nexa_config", "nexa_export"])
@@ -162,13 +198,17 @@ def test_question_mark_help(shell, capsys):
     out = capsys.readouterr().out
     assert "--offload-param" in out
     assert "--zero 3 --offload cpu keeps the parameters on the device" in " ".join(out.split())
-    for magic, words in (("nexa_plan", ("--params", "--gpus", "--gpu-mem")), ("nexa_status", ("--traceback",)),
-                         ("nexa_config", ("--reset", "--save", "--widget"))):
+    for magic, words in (
+        ("nexa_plan", ("--params", "--gpus", "--gpu-mem")),
+        ("nexa_status", ("--traceback",)),
+        ("nexa_config", ("--reset", "--save", "--widget")),
+    ):
         doc = shell.find_line_magic(magic).__doc__
         assert all(word in doc for word in words)
 
 
 # --- %nexa_train: what the core receives ---------------------------------------------------------
+
 
 def make_checkpoint(folder: Path) -> Path:
     step = folder / "step-0000001"
@@ -177,22 +217,30 @@ def make_checkpoint(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("", {}),
-    ("--zero 2 --offload cpu", {"zero": 2, "offload_optimizer": "cpu"}),
-    ("--zero 3 --offload-optimizer cpu --offload-param cpu",
-     {"zero": 3, "offload_optimizer": "cpu", "offload_param": "cpu"}),
-    ("--zero 3 --offload nvme --nvme-path {tmp}", {"zero": 3, "offload_optimizer": "nvme", "nvme_path": "{tmp}"}),
-    ("--fp16", {"precision": "fp16"}),
-    ("--bf16 --strict", {"precision": "bf16", "strict": True}),
-    ("--fp32", {"precision": "no"}),
-    ("--batch-size 4 --grad-accum 2 --procs 2", {"batch_size": 4, "grad_accum": 2, "procs": 2}),
-    ("--batch-size 4 --procs 2 --target-batch 32", {"batch_size": 4, "procs": 2, "target_batch": 32}),
-    ("--epochs 2 --max-steps 5 --lr 0.01 --seed 7", {"epochs": 2, "max_steps": 5, "lr": 0.01, "seed": 7}),
-    ("--lora --lora-r 4 --lora-alpha 8 --grad-ckpt", {"lora": True, "lora_r": 4, "lora_alpha": 8, "grad_ckpt": True}),
-    ("--ckpt-dir ckpt --ckpt-every 2", {"ckpt_dir": "ckpt", "ckpt_every": 2}),
-    ("--ckpt-dir {tmp} --resume latest", {"ckpt_dir": "{tmp}", "resume": "latest"}),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("", {}),
+        ("--zero 2 --offload cpu", {"zero": 2, "offload_optimizer": "cpu"}),
+        (
+            "--zero 3 --offload-optimizer cpu --offload-param cpu",
+            {"zero": 3, "offload_optimizer": "cpu", "offload_param": "cpu"},
+        ),
+        ("--zero 3 --offload nvme --nvme-path {tmp}", {"zero": 3, "offload_optimizer": "nvme", "nvme_path": "{tmp}"}),
+        ("--fp16", {"precision": "fp16"}),
+        ("--bf16 --strict", {"precision": "bf16", "strict": True}),
+        ("--fp32", {"precision": "no"}),
+        ("--batch-size 4 --grad-accum 2 --procs 2", {"batch_size": 4, "grad_accum": 2, "procs": 2}),
+        ("--batch-size 4 --procs 2 --target-batch 32", {"batch_size": 4, "procs": 2, "target_batch": 32}),
+        ("--epochs 2 --max-steps 5 --lr 0.01 --seed 7", {"epochs": 2, "max_steps": 5, "lr": 0.01, "seed": 7}),
+        (
+            "--lora --lora-r 4 --lora-alpha 8 --grad-ckpt",
+            {"lora": True, "lora_r": 4, "lora_alpha": 8, "grad_ckpt": True},
+        ),
+        ("--ckpt-dir ckpt --ckpt-every 2", {"ckpt_dir": "ckpt", "ckpt_every": 2}),
+        ("--ckpt-dir {tmp} --resume latest", {"ckpt_dir": "{tmp}", "resume": "latest"}),
+    ],
+)
 def test_flags_become_the_options_the_core_receives(shell, nexa, core, tmp_path, line, expected):
     tmp = str(make_checkpoint(tmp_path / "given"))
     shell.run_line_magic("nexa_train", line.format(tmp=tmp))
@@ -284,6 +332,7 @@ def test_dashboard_is_finalized_when_a_worker_fails(shell, nexa, monkeypatch, ca
 
 # --- bad input --------------------------------------------------------------------------------
 
+
 def bad_tasks(tmp_path: Path) -> dict:
     (tmp_path / "unreadable.yaml").write_bytes(b"\xff\xfe\x00not text")
     (tmp_path / "afile").write_text("")
@@ -300,8 +349,11 @@ BAD_LINES = [
     ("--procs 0", "procs: must be at least 1, got 0", "Fix: pass --procs 1 or more"),
     ("--lr abc", "argument --lr: invalid float value: 'abc'", "Fix: give a value of the right type"),
     ("--fp16 --bf16", "argument --bf16: not allowed with argument --fp16", "Fix: keep only one"),
-    ("--grad-accum 2 --target-batch 64", "--grad-accum 2 contradicts --target-batch 64",
-     "Fix: pass only one of --grad-accum and --target-batch"),
+    (
+        "--grad-accum 2 --target-batch 64",
+        "--grad-accum 2 contradicts --target-batch 64",
+        "Fix: pass only one of --grad-accum and --target-batch",
+    ),
     ("--zero 1 --offload-param cpu", "parameter offload needs ZeRO stage 3", "Fix: pass --zero 3"),
     ("--zero 2 --offload nvme", "NVMe offload needs a folder", "Fix: pass --nvme-path DIR"),
     ("--fp16 --strict", "fp16 needs a CUDA GPU", "Fix: pass --bf16 or --fp32"),
@@ -334,13 +386,16 @@ def test_usage_error_shows_as_one_line_without_traceback(shell, nexa, capsys):
     result = shell.run_cell("%nexa_train --zero 7")
     assert isinstance(result.error_in_exec, UsageError)
     captured = capsys.readouterr()
-    assert captured.err.splitlines() == ["UsageError: argument --zero: '7' is not a ZeRO stage; use 0, 1, 2, 3 or none. "
-                                         "Fix: correct the line (%nexa_train? lists every flag)."]
+    assert captured.err.splitlines() == [
+        "UsageError: argument --zero: '7' is not a ZeRO stage; use 0, 1, 2, 3 or none. "
+        "Fix: correct the line (%nexa_train? lists every flag)."
+    ]
     assert "Traceback" not in captured.out + captured.err
 
 
-@pytest.mark.parametrize("line", ["--zero 1 --offload-param cpu", "--procs 0", "--fp16 --bf16",
-                                  "--config missing.json"])
+@pytest.mark.parametrize(
+    "line", ["--zero 1 --offload-param cpu", "--procs 0", "--fp16 --bf16", "--config missing.json"]
+)
 def test_bad_config_flags_leave_the_defaults_alone(shell, nexa, line):
     shell.run_line_magic("nexa_config", "--zero 2")
     message = usage_error(shell, "nexa_config", line)
@@ -350,21 +405,43 @@ def test_bad_config_flags_leave_the_defaults_alone(shell, nexa, line):
 
 # --- %nexa_config -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("line, fields, ds_zero", [
-    ("--zero 3 --offload cpu", {"zero": 3, "offload_optimizer": "cpu", "offload_param": "none"},
-     {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}),
-    ("--zero 3 --offload cpu --offload-param cpu", {"offload_optimizer": "cpu", "offload_param": "cpu"},
-     {"offload_param": {"device": "cpu", "pin_memory": False}}),
-    ("--batch-size 4 --procs 2 --target-batch 32", {"target_batch": 32}, None),
-    ("--lora --lora-r 4 --lora-alpha 8 --grad-ckpt --seed 3",
-     {"lora": True, "lora_r": 4, "grad_ckpt": True, "seed": 3}, None),
-    ("--epochs 3 --lr 0.02 --ckpt-dir ckpt --ckpt-every 5",
-     {"epochs": 3, "lr": 0.02, "ckpt_dir": "ckpt", "ckpt_every": 5}, None),
-    ("--weight-decay 0.01 --warmup-steps 10 --scheduler cosine --clip-norm 0.5 --eval-every 20",
-     {"weight_decay": 0.01, "warmup_steps": 10, "scheduler": "cosine", "clip_norm": 0.5, "eval_every": 20}, None),
-    ("--lr-scaling sqrt --lora --lora-dropout 0.1 --force-cpu",
-     {"lr_scaling": "sqrt", "lora_dropout": 0.1, "force_cpu": True}, None),
-])
+
+@pytest.mark.parametrize(
+    "line, fields, ds_zero",
+    [
+        (
+            "--zero 3 --offload cpu",
+            {"zero": 3, "offload_optimizer": "cpu", "offload_param": "none"},
+            {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}},
+        ),
+        (
+            "--zero 3 --offload cpu --offload-param cpu",
+            {"offload_optimizer": "cpu", "offload_param": "cpu"},
+            {"offload_param": {"device": "cpu", "pin_memory": False}},
+        ),
+        ("--batch-size 4 --procs 2 --target-batch 32", {"target_batch": 32}, None),
+        (
+            "--lora --lora-r 4 --lora-alpha 8 --grad-ckpt --seed 3",
+            {"lora": True, "lora_r": 4, "grad_ckpt": True, "seed": 3},
+            None,
+        ),
+        (
+            "--epochs 3 --lr 0.02 --ckpt-dir ckpt --ckpt-every 5",
+            {"epochs": 3, "lr": 0.02, "ckpt_dir": "ckpt", "ckpt_every": 5},
+            None,
+        ),
+        (
+            "--weight-decay 0.01 --warmup-steps 10 --scheduler cosine --clip-norm 0.5 --eval-every 20",
+            {"weight_decay": 0.01, "warmup_steps": 10, "scheduler": "cosine", "clip_norm": 0.5, "eval_every": 20},
+            None,
+        ),
+        (
+            "--lr-scaling sqrt --lora --lora-dropout 0.1 --force-cpu",
+            {"lr_scaling": "sqrt", "lora_dropout": 0.1, "force_cpu": True},
+            None,
+        ),
+    ],
+)
 def test_config_flags_resolve_to_the_plan(shell, nexa, line, fields, ds_zero):
     shell.run_line_magic("nexa_config", line)
     cfg = nexa.session.resolve()
@@ -380,8 +457,9 @@ def test_config_flags_resolve_to_the_plan(shell, nexa, line, fields, ds_zero):
         assert (plan.grad_accum, plan.effective_batch) == (4, 32)
 
 
-@pytest.mark.parametrize("default, line, field", [("--zero 2", "--zero none", "zero"),
-                                                   ("--clip-norm 0.5", "--clip-norm none", "clip_norm")])
+@pytest.mark.parametrize(
+    "default, line, field", [("--zero 2", "--zero none", "zero"), ("--clip-norm 0.5", "--clip-norm none", "clip_norm")]
+)
 def test_none_on_the_train_line_overrides_a_session_default(shell, nexa, core, default, line, field):
     shell.run_line_magic("nexa_config", default)
     shell.run_line_magic("nexa_train", line)
@@ -416,8 +494,12 @@ def saved_yaml(shell, line: str, path: str = "acc.yaml") -> dict:
 def test_config_save_writes_an_accelerate_config(shell, nexa, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", "hf_do_not_write_me")
     data = saved_yaml(shell, "--zero 3 --offload cpu --bf16 --procs 2 --grad-accum 2")
-    assert {k: data[k] for k in ("distributed_type", "num_processes", "mixed_precision", "use_cpu")} == \
-        {"distributed_type": "DEEPSPEED", "num_processes": 2, "mixed_precision": "bf16", "use_cpu": True}
+    assert {k: data[k] for k in ("distributed_type", "num_processes", "mixed_precision", "use_cpu")} == {
+        "distributed_type": "DEEPSPEED",
+        "num_processes": 2,
+        "mixed_precision": "bf16",
+        "use_cpu": True,
+    }
     ds = data["deepspeed_config"]
     assert (ds["zero_stage"], ds["offload_optimizer_device"], ds["offload_param_device"]) == (3, "cpu", "none")
     assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (2, 1.0)
@@ -446,8 +528,14 @@ def test_config_save_failure_writes_nothing(shell, nexa, tmp_path):
 
 def accelerate_cli(*args: str, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra_env)
-    return subprocess.run([str(Path(sys.executable).parent / "accelerate"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -465,13 +553,15 @@ def test_saved_config_passes_accelerate_test(shell, nexa, tmp_path):
 def test_saved_deepspeed_config_runs_under_accelerate_launch(shell, nexa, tmp_path):
     saved_yaml(shell, "--zero 3 --bf16 --procs 2")
     (tmp_path / "show.py").write_text(
-        "import os\nprint('WORLD', os.environ['WORLD_SIZE'], os.environ['ACCELERATE_USE_DEEPSPEED'])\n")
+        "import os\nprint('WORLD', os.environ['WORLD_SIZE'], os.environ['ACCELERATE_USE_DEEPSPEED'])\n"
+    )
     out = accelerate_cli("launch", "--config_file", "acc.yaml", "show.py", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("WORLD 2 true") == 2
 
 
 # --- %nexa_plan -------------------------------------------------------------------------------
+
 
 def plan_output(shell, capsys, line: str) -> list[str]:
     capsys.readouterr()
@@ -485,14 +575,32 @@ def test_plan_for_given_parameters_and_gpus(shell, nexa, capsys):
     assert out[1] == "devices: 8 (80.00 GiB each); host: 12.00 GiB available"
     assert out[2].split() == ["setup", "per", "device", "host"]
     rows = [re.split(r"\s{2,}", row) for row in out[3:11]]
-    labels = ["plain Accelerate", "--zero 0", "--zero 1", "--zero 2", "--zero 2 --offload cpu", "--zero 3",
-              "--zero 3 --offload cpu", "--zero 3 --offload cpu --offload-param cpu"]
-    expected = [[memory.format_bytes(r.device_bytes), memory.format_bytes(r.host_bytes)]
-                for r in memory.memory_table(7 * 10**9, 7 * 10**9, gpus_per_node=8)]
+    labels = [
+        "plain Accelerate",
+        "--zero 0",
+        "--zero 1",
+        "--zero 2",
+        "--zero 2 --offload cpu",
+        "--zero 3",
+        "--zero 3 --offload cpu",
+        "--zero 3 --offload cpu --offload-param cpu",
+    ]
+    expected = [
+        [memory.format_bytes(r.device_bytes), memory.format_bytes(r.host_bytes)]
+        for r in memory.memory_table(7 * 10**9, 7 * 10**9, gpus_per_node=8)
+    ]
     assert rows == [[label, *sizes] for label, sizes in zip(labels, expected)]
-    best = memory.recommend(7 * 10**9, 7 * 10**9, device_bytes_available=80 * GiB, host_bytes_available=12 * GiB,
-                            gpus_per_node=8, wanted_micro_batch=8)
-    assert out[11] == f"recommended: {text.setup_flags(best.stage, best.offload_optimizer, best.offload_param) or 'plain Accelerate (no --zero)'}"
+    best = memory.recommend(
+        7 * 10**9,
+        7 * 10**9,
+        device_bytes_available=80 * GiB,
+        host_bytes_available=12 * GiB,
+        gpus_per_node=8,
+        wanted_micro_batch=8,
+    )
+    assert out[11] == "recommended: " + (
+        text.setup_flags(best.stage, best.offload_optimizer, best.offload_param) or "plain Accelerate (no --zero)"
+    )
     assert out[12] == f"reason: {best.reason}"
 
 
@@ -507,8 +615,10 @@ def test_plan_counts_the_task_model_built_once_on_cpu(shell, nexa, capsys):
     out = plan_output(shell, capsys, "my_task")
     assert built == [1]
     assert out[0] == "model: 241 parameters, largest layer 220 (counted from my_task's model)"
-    assert out[1] == ("devices: 1 (no GPU: host memory is the device memory, 12.00 GiB available shared by "
-                      "1 process(es)); host: 12.00 GiB available")
+    assert out[1] == (
+        "devices: 1 (no GPU: host memory is the device memory, 12.00 GiB available shared by "
+        "1 process(es)); host: 12.00 GiB available"
+    )
     assert out[-2] == "recommended: plain Accelerate (no --zero)"
 
 
@@ -520,13 +630,19 @@ def test_plan_uses_the_gpus_found(shell, nexa, monkeypatch, capsys):
     assert out[-2] == "recommended: plain Accelerate (no --zero)"
 
 
-@pytest.mark.parametrize("line, problem", [
-    ("--params abc", "argument --params: invalid count 'abc'"),
-    ("--params 1M --gpus 0", "argument --gpus: invalid value '0'"),
-    ("--params 1M --gpu-mem -1", "argument --gpu-mem: invalid value '-1'"),
-    ("--params 100 --largest-layer 200", "the largest layer (200) cannot hold more parameters than the model (100)"),
-    ("nothing_here", "there is no variable 'nothing_here'"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("--params abc", "argument --params: invalid count 'abc'"),
+        ("--params 1M --gpus 0", "argument --gpus: invalid value '0'"),
+        ("--params 1M --gpu-mem -1", "argument --gpu-mem: invalid value '-1'"),
+        (
+            "--params 100 --largest-layer 200",
+            "the largest layer (200) cannot hold more parameters than the model (100)",
+        ),
+        ("nothing_here", "there is no variable 'nothing_here'"),
+    ],
+)
 def test_plan_bad_input(shell, nexa, line, problem):
     message = usage_error(shell, "nexa_plan", line)
     assert problem in message and "\n" not in message
@@ -534,11 +650,18 @@ def test_plan_bad_input(shell, nexa, line, problem):
 
 # --- %nexa_status -----------------------------------------------------------------------------
 
+
 def test_status(shell, nexa, monkeypatch, capsys):
     shell.run_line_magic("nexa_config", "--zero 2 --procs 2 --grad-accum 2")
     plan = nexa_nb.make_plan(nexa.session.resolve())
-    result = api.TrainResult(history=[{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5}], final_loss=0.5,
-                             plan=plan, checkpoint_dir=None, distributed_type="DEEPSPEED", num_processes=2)
+    result = api.TrainResult(
+        history=[{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5}],
+        final_loss=0.5,
+        plan=plan,
+        checkpoint_dir=None,
+        distributed_type="DEEPSPEED",
+        num_processes=2,
+    )
     monkeypatch.setattr(api, "_last", result)
     capsys.readouterr()
     shell.run_line_magic("nexa_status", "")
@@ -546,8 +669,10 @@ def test_status(shell, nexa, monkeypatch, capsys):
     assert out[0] == "devices: no GPU (CPU processes); host: 2 cores, 16.00 GiB (12.00 GiB available)"
     assert out[1] == "DeepSpeed ZeRO-2, fp32, 2 x CPU (DEEPSPEED)"
     assert out[2].startswith("batch: micro 8 x accumulation 2 x 2 procs")
-    versions = [f"{name} {importlib.metadata.version(name)}" for name in
-                ("torch", "accelerate", "deepspeed", "transformers", "peft")]
+    versions = [
+        f"{name} {importlib.metadata.version(name)}"
+        for name in ("torch", "accelerate", "deepspeed", "transformers", "peft")
+    ]
     assert all(v in out[3] for v in versions)
     assert out[4] == "last run: completed, 2 steps, final loss 0.5000, DEEPSPEED x 2"
     shell.run_line_magic("nexa_status", "--traceback")
@@ -555,6 +680,7 @@ def test_status(shell, nexa, monkeypatch, capsys):
 
 
 # --- %nexa_export -----------------------------------------------------------------------------
+
 
 def test_export_writes_the_script_and_prints_the_command(shell, nexa, tmp_path, capsys):
     shell.run_line_magic("nexa_config", "--procs 2")
@@ -569,6 +695,7 @@ def test_export_writes_the_script_and_prints_the_command(shell, nexa, tmp_path, 
 
 
 # --- real runs --------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU fallback of fp16")
@@ -597,8 +724,11 @@ def test_checkpoint_then_resume_latest(shell, nexa, capsys):
 def test_worker_failure_names_the_rank_and_keeps_the_traceback(shell, nexa, capsys):
     shell.user_ns["my_task"] = linear_task(loss_fn=boom)
     message = usage_error(shell, "nexa_train", "my_task --procs 2 --max-steps 2")
-    assert re.fullmatch(r"rank [01]: RuntimeError: boom in the loss "
-                        r"\(the worker's traceback: %nexa_status --traceback\)", message)
+    assert re.fullmatch(
+        r"rank [01]: RuntimeError: boom in the loss "
+        r"\(the worker's traceback: %nexa_status --traceback\)",
+        message,
+    )
     capsys.readouterr()
     shell.run_line_magic("nexa_status", "--traceback")
     worker_traceback = capsys.readouterr().out

@@ -29,16 +29,19 @@ def close(ours: int, theirs: int) -> bool:
 
 # --- model_state_memory equals DeepSpeed's estimators --------------------------------------
 
+
 @pytest.mark.parametrize("total,largest", SIZES)
 @pytest.mark.parametrize("gpus_per_node", GPUS_PER_NODE)
 @pytest.mark.parametrize("num_nodes", NODES)
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("offload", ["none", "cpu", "nvme"])
 def test_zero2_matches_deepspeed(total, largest, gpus_per_node, num_nodes, stage, offload):
-    ours = model_state_memory(total, largest, stage=stage, offload_optimizer=offload,
-                              gpus_per_node=gpus_per_node, num_nodes=num_nodes)
-    cpu, gpu = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus_per_node, num_nodes=num_nodes,
-                                                     cpu_offload=offload != "none")
+    ours = model_state_memory(
+        total, largest, stage=stage, offload_optimizer=offload, gpus_per_node=gpus_per_node, num_nodes=num_nodes
+    )
+    cpu, gpu = estimate_zero2_model_states_mem_needs(
+        total, num_gpus_per_node=gpus_per_node, num_nodes=num_nodes, cpu_offload=offload != "none"
+    )
     assert close(ours.device_bytes, gpu)
     assert close(ours.host_bytes, cpu)
 
@@ -48,14 +51,26 @@ def test_zero2_matches_deepspeed(total, largest, gpus_per_node, num_nodes, stage
 @pytest.mark.parametrize("num_nodes", NODES)
 @pytest.mark.parametrize("offload_optimizer,offload_param", [("none", "none"), ("cpu", "none"), ("cpu", "cpu")])
 @pytest.mark.parametrize("zero_init", [True, False])
-def test_zero3_matches_deepspeed(total, largest, gpus_per_node, num_nodes, offload_optimizer, offload_param,
-                                 zero_init):
-    ours = model_state_memory(total, largest, stage=3, offload_optimizer=offload_optimizer,
-                              offload_param=offload_param, gpus_per_node=gpus_per_node, num_nodes=num_nodes,
-                              zero_init=zero_init)
+def test_zero3_matches_deepspeed(total, largest, gpus_per_node, num_nodes, offload_optimizer, offload_param, zero_init):
+    ours = model_state_memory(
+        total,
+        largest,
+        stage=3,
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        zero_init=zero_init,
+    )
     cpu, gpu, _ = stage3.estimate_zero3_model_states_mem_needs(
-        total, largest, num_gpus_per_node=gpus_per_node, num_nodes=num_nodes,
-        cpu_offload=offload_optimizer != "none", cpu_offload_params=offload_param != "none", zero_init=zero_init)
+        total,
+        largest,
+        num_gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        cpu_offload=offload_optimizer != "none",
+        cpu_offload_params=offload_param != "none",
+        zero_init=zero_init,
+    )
     assert close(ours.device_bytes, gpu)
     assert close(ours.host_bytes, cpu)
 
@@ -88,9 +103,16 @@ def test_zero3_agrees_with_the_printed_table(capsys):
     assert len(rows) == 6
     for offload_optimizer, offload_param in (("none", "none"), ("cpu", "none"), ("cpu", "cpu")):
         for zero_init in (True, False):
-            ours = model_state_memory(total, largest, stage=3, offload_optimizer=offload_optimizer,
-                                      offload_param=offload_param, gpus_per_node=2, num_nodes=2,
-                                      zero_init=zero_init)
+            ours = model_state_memory(
+                total,
+                largest,
+                stage=3,
+                offload_optimizer=offload_optimizer,
+                offload_param=offload_param,
+                gpus_per_node=2,
+                num_nodes=2,
+                zero_init=zero_init,
+            )
             key = f"offload_param={offload_param},offload_optimizer={offload_optimizer},zero_init={int(zero_init)}"
             cpu_gb, gpu_gb = rows[key]
             assert ours.host_bytes / GIB == pytest.approx(cpu_gb, abs=0.01)
@@ -99,14 +121,17 @@ def test_zero3_agrees_with_the_printed_table(capsys):
 
 # --- the setups DeepSpeed has no estimator for -----------------------------------------------
 
+
 def test_plain_and_stage0_are_unpartitioned():
     total, largest = SIZES[1]
     for gpus in (1, 8):
         assert model_state_memory(total, largest, stage=None, gpus_per_node=gpus).device_bytes == 16 * total
         assert model_state_memory(total, largest, stage=0, gpus_per_node=gpus).device_bytes == 20 * total
     # On one device ZeRO-2 partitions nothing: it costs what stage 0 does.
-    assert (model_state_memory(total, largest, stage=2).device_bytes
-            == model_state_memory(total, largest, stage=0).device_bytes)
+    assert (
+        model_state_memory(total, largest, stage=2).device_bytes
+        == model_state_memory(total, largest, stage=0).device_bytes
+    )
 
 
 def test_nvme_keeps_state_off_host_only_in_stage3():
@@ -119,8 +144,9 @@ def test_nvme_keeps_state_off_host_only_in_stage3():
     mixed = model_state_memory(total, largest, stage=3, offload_optimizer="nvme", offload_param="cpu")
     assert mixed.host_bytes == int(total * 2 * 1.5)  # only the 16-bit parameters stay on the host
     # Stages 1 and 2 have no NVMe swapper: the state stays in host memory.
-    assert (model_state_memory(total, largest, stage=2, offload_optimizer="nvme")
-            == StateMemory(2, "nvme", "none", *_zero2(total, offload=True)))
+    assert model_state_memory(total, largest, stage=2, offload_optimizer="nvme") == StateMemory(
+        2, "nvme", "none", *_zero2(total, offload=True)
+    )
 
 
 def _zero2(total: int, offload: bool) -> tuple[int, int]:
@@ -139,8 +165,15 @@ def test_memory_table_rows():
     total, largest = SIZES[2]
     rows = memory_table(total, largest, gpus_per_node=8)
     assert [(r.stage, r.offload_optimizer, r.offload_param) for r in rows] == [
-        (None, "none", "none"), (0, "none", "none"), (1, "none", "none"), (2, "none", "none"),
-        (2, "cpu", "none"), (3, "none", "none"), (3, "cpu", "none"), (3, "cpu", "cpu")]
+        (None, "none", "none"),
+        (0, "none", "none"),
+        (1, "none", "none"),
+        (2, "none", "none"),
+        (2, "cpu", "none"),
+        (3, "none", "none"),
+        (3, "cpu", "none"),
+        (3, "cpu", "cpu"),
+    ]
     by_setup = {(r.stage, r.offload_optimizer, r.offload_param): r.device_bytes for r in rows}
     assert by_setup[(1, "none", "none")] == by_setup[(2, "none", "none")]
     assert by_setup[(2, "none", "none")] < by_setup[(None, "none", "none")] < by_setup[(0, "none", "none")]
@@ -149,12 +182,14 @@ def test_memory_table_rows():
 
 # --- count_params is DeepSpeed's model_to_params ---------------------------------------------
 
+
 class TinyLM(torch.nn.Module):
     def __init__(self, device=None):
         super().__init__()
         self.embed = torch.nn.Embedding(100, 16, device=device)
-        self.blocks = torch.nn.Sequential(torch.nn.Linear(16, 64, device=device), torch.nn.GELU(),
-                                          torch.nn.Linear(64, 16, device=device))
+        self.blocks = torch.nn.Sequential(
+            torch.nn.Linear(16, 64, device=device), torch.nn.GELU(), torch.nn.Linear(64, 16, device=device)
+        )
         self.norm = torch.nn.LayerNorm(16, device=device)
         self.head = torch.nn.Linear(16, 100, bias=False, device=device)
         self.head.weight = self.embed.weight  # tied, counted once
@@ -162,8 +197,9 @@ class TinyLM(torch.nn.Module):
 
 def test_count_params_matches_deepspeed():
     model = TinyLM()
-    assert count_params(model) == stage3.model_to_params(model) == (100 * 16 + 16 * 64 + 64 + 64 * 16 + 16 + 32,
-                                                                    100 * 16)
+    assert (
+        count_params(model) == stage3.model_to_params(model) == (100 * 16 + 16 * 64 + 64 + 64 * 16 + 16 + 32, 100 * 16)
+    )
 
 
 def test_count_params_on_meta_device():
@@ -171,6 +207,7 @@ def test_count_params_on_meta_device():
 
 
 # --- recommend --------------------------------------------------------------------------------
+
 
 def test_7b_on_one_80gb_device_offloads():
     rec = recommend(7_000_000_000, 500_000_000, device_bytes_available=80 * GIB, host_bytes_available=512 * GIB)
@@ -188,16 +225,24 @@ def test_100m_on_80gb_needs_no_deepspeed():
 
 
 def test_7b_on_eight_devices_shards_instead_of_offloading():
-    rec = recommend(7_000_000_000, 500_000_000, device_bytes_available=80 * GIB, host_bytes_available=512 * GIB,
-                    gpus_per_node=8)
+    rec = recommend(
+        7_000_000_000, 500_000_000, device_bytes_available=80 * GIB, host_bytes_available=512 * GIB, gpus_per_node=8
+    )
     assert (rec.stage, rec.offload_optimizer) == (2, "none")
     assert "the faster plain Accelerate (no DeepSpeed) would need 104.31 GiB" in rec.reason
 
 
 def test_micro_batch_shrinks_with_memory():
-    batches = [recommend(100_000_000, 10_000_000, device_bytes_available=gib * GIB, host_bytes_available=64 * GIB,
-                         activation_bytes_per_sample=GIB).micro_batch
-               for gib in (80, 16, 8, 4, 3)]
+    batches = [
+        recommend(
+            100_000_000,
+            10_000_000,
+            device_bytes_available=gib * GIB,
+            host_bytes_available=64 * GIB,
+            activation_bytes_per_sample=GIB,
+        ).micro_batch
+        for gib in (80, 16, 8, 4, 3)
+    ]
     assert batches == [8, 8, 4, 2, 1]
 
 
@@ -209,15 +254,25 @@ def test_micro_batch_keeps_a_wanted_size_that_fits():
 
 def test_activations_push_to_offload():
     # 1B params: plain Accelerate's 16 GB of states leave no room for 8 GiB of activations on 24 GiB.
-    rec = recommend(1_000_000_000, 100_000_000, device_bytes_available=24 * GIB, host_bytes_available=128 * GIB,
-                    activation_bytes_per_sample=8 * GIB)
+    rec = recommend(
+        1_000_000_000,
+        100_000_000,
+        device_bytes_available=24 * GIB,
+        host_bytes_available=128 * GIB,
+        activation_bytes_per_sample=8 * GIB,
+    )
     assert (rec.stage, rec.offload_optimizer, rec.micro_batch) == (2, "cpu", 2)
     assert rec.device_bytes == 2 * 1_000_000_000 + 2 * 8 * GIB
 
 
 def test_impossible_says_it_will_not_fit_and_by_how_much():
-    rec = recommend(70_000_000_000, 20_000_000_000, device_bytes_available=24 * GIB,
-                    host_bytes_available=4096 * GIB, activation_bytes_per_sample=GIB)
+    rec = recommend(
+        70_000_000_000,
+        20_000_000_000,
+        device_bytes_available=24 * GIB,
+        host_bytes_available=4096 * GIB,
+        activation_bytes_per_sample=GIB,
+    )
     assert (rec.stage, rec.offload_optimizer, rec.offload_param, rec.micro_batch) == (3, "cpu", "cpu", 1)
     assert "will not fit" in rec.reason
     short = 4 * 20_000_000_000 + GIB - int(0.9 * 24 * GIB)
@@ -231,31 +286,39 @@ def test_short_host_memory_points_to_nvme():
 
 # --- bad input --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,fix", [
-    ({"total_params": -1, "largest_layer_params": 0, "stage": 2}, "count_params"),
-    ({"total_params": 10, "largest_layer_params": 20, "stage": 2}, "count_params"),
-    ({"total_params": 10, "largest_layer_params": 1, "stage": 5}, "stage=None"),
-    ({"total_params": 10, "largest_layer_params": 1, "stage": 2, "offload_optimizer": "disk"}, "none, cpu, nvme"),
-    ({"total_params": 10, "largest_layer_params": 1, "stage": 2, "offload_param": "cpu"}, "pass stage=3"),
-    ({"total_params": 10, "largest_layer_params": 1, "stage": None, "offload_optimizer": "cpu"}, "pass stage=2"),
-    ({"total_params": 10, "largest_layer_params": 1, "stage": 2, "gpus_per_node": 0}, "pass 1"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,fix",
+    [
+        ({"total_params": -1, "largest_layer_params": 0, "stage": 2}, "count_params"),
+        ({"total_params": 10, "largest_layer_params": 20, "stage": 2}, "count_params"),
+        ({"total_params": 10, "largest_layer_params": 1, "stage": 5}, "stage=None"),
+        ({"total_params": 10, "largest_layer_params": 1, "stage": 2, "offload_optimizer": "disk"}, "none, cpu, nvme"),
+        ({"total_params": 10, "largest_layer_params": 1, "stage": 2, "offload_param": "cpu"}, "pass stage=3"),
+        ({"total_params": 10, "largest_layer_params": 1, "stage": None, "offload_optimizer": "cpu"}, "pass stage=2"),
+        ({"total_params": 10, "largest_layer_params": 1, "stage": 2, "gpus_per_node": 0}, "pass 1"),
+    ],
+)
 def test_bad_setup_names_the_fix(kwargs, fix):
     with pytest.raises(ValueError, match=re.escape(fix)):
         model_state_memory(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,fix", [
-    ({"device_bytes_available": 0, "host_bytes_available": GIB}, "memory of one training device"),
-    ({"device_bytes_available": GIB, "host_bytes_available": GIB, "headroom": 1.5}, "pass 0.9"),
-    ({"device_bytes_available": GIB, "host_bytes_available": GIB, "activation_bytes_per_sample": -1}, "None"),
-])
+@pytest.mark.parametrize(
+    "kwargs,fix",
+    [
+        ({"device_bytes_available": 0, "host_bytes_available": GIB}, "memory of one training device"),
+        ({"device_bytes_available": GIB, "host_bytes_available": GIB, "headroom": 1.5}, "pass 0.9"),
+        ({"device_bytes_available": GIB, "host_bytes_available": GIB, "activation_bytes_per_sample": -1}, "None"),
+    ],
+)
 def test_bad_recommend_input_names_the_fix(kwargs, fix):
     with pytest.raises(ValueError, match=re.escape(fix)):
         recommend(1000, 100, **kwargs)
 
 
 # --- small things -----------------------------------------------------------------------------
+
 
 def test_import_loads_neither_torch_nor_deepspeed():
     code = "import sys, nexa_nb.memory; print('torch' in sys.modules, 'deepspeed' in sys.modules)"

@@ -13,10 +13,16 @@ from nexa_nb.plan import make_plan
 GIB = 2**30
 CPU = Hardware(cpu_cores=2, host_memory_bytes=16 * GIB, host_available_bytes=12 * GIB)
 A100 = Gpu("NVIDIA A100-SXM4-80GB", 80 * GIB, 8.0)
-GPU = Hardware(gpus=(A100, A100), cpu_cores=16, host_memory_bytes=256 * GIB, host_available_bytes=200 * GIB,
-               bf16_gpu=True)
-T4 = Hardware(gpus=(Gpu("Tesla T4", 16 * GIB, 7.5),), cpu_cores=8, host_memory_bytes=64 * GIB,
-              host_available_bytes=50 * GIB, bf16_gpu=False)
+GPU = Hardware(
+    gpus=(A100, A100), cpu_cores=16, host_memory_bytes=256 * GIB, host_available_bytes=200 * GIB, bf16_gpu=True
+)
+T4 = Hardware(
+    gpus=(Gpu("Tesla T4", 16 * GIB, 7.5),),
+    cpu_cores=8,
+    host_memory_bytes=64 * GIB,
+    host_available_bytes=50 * GIB,
+    bf16_gpu=False,
+)
 
 
 def plan(hardware=CPU, **arguments):
@@ -33,6 +39,7 @@ def values(tree):
 
 
 # --- precision fallbacks ----------------------------------------------------------------
+
 
 def test_fp16_on_cpu_falls_back_to_bf16_with_one_note():
     p = plan(precision="fp16")
@@ -55,8 +62,9 @@ def test_strict_mode_turns_the_fallback_into_an_error(hardware, precision):
     assert "strict" in info.value.problem and info.value.fix
 
 
-@pytest.mark.parametrize("hardware, precision", [(CPU, "bf16"), (CPU, "no"), (GPU, "fp16"), (GPU, "bf16"),
-                                                 (T4, "fp16")])
+@pytest.mark.parametrize(
+    "hardware, precision", [(CPU, "bf16"), (CPU, "no"), (GPU, "fp16"), (GPU, "bf16"), (T4, "fp16")]
+)
 def test_supported_precision_runs_as_asked_without_notes(hardware, precision):
     p = plan(hardware, precision=precision, strict=True)
     assert p.precision == precision and p.notes == ()
@@ -64,17 +72,21 @@ def test_supported_precision_runs_as_asked_without_notes(hardware, precision):
 
 # --- what Accelerate gets ---------------------------------------------------------------
 
-@pytest.mark.parametrize("hardware, arguments, cpu, distributed_type, device", [
-    (CPU, {}, True, "NO", "cpu"),
-    (CPU, {"procs": 2}, True, "MULTI_CPU", "cpu"),
-    (CPU, {"zero": 2}, False, "DEEPSPEED", "cpu"),
-    (CPU, {"zero": 3, "procs": 2}, False, "DEEPSPEED", "cpu"),
-    (GPU, {}, False, "NO", "cuda"),
-    (GPU, {"procs": 2}, False, "MULTI_GPU", "cuda"),
-    (GPU, {"zero": 2, "procs": 2}, False, "DEEPSPEED", "cuda"),
-    (GPU, {"fsdp": True, "procs": 2}, False, "FSDP", "cuda"),
-    (GPU, {"force_cpu": True, "procs": 2}, True, "MULTI_CPU", "cpu"),
-])
+
+@pytest.mark.parametrize(
+    "hardware, arguments, cpu, distributed_type, device",
+    [
+        (CPU, {}, True, "NO", "cpu"),
+        (CPU, {"procs": 2}, True, "MULTI_CPU", "cpu"),
+        (CPU, {"zero": 2}, False, "DEEPSPEED", "cpu"),
+        (CPU, {"zero": 3, "procs": 2}, False, "DEEPSPEED", "cpu"),
+        (GPU, {}, False, "NO", "cuda"),
+        (GPU, {"procs": 2}, False, "MULTI_GPU", "cuda"),
+        (GPU, {"zero": 2, "procs": 2}, False, "DEEPSPEED", "cuda"),
+        (GPU, {"fsdp": True, "procs": 2}, False, "FSDP", "cuda"),
+        (GPU, {"force_cpu": True, "procs": 2}, True, "MULTI_CPU", "cpu"),
+    ],
+)
 def test_accelerator_kwargs(hardware, arguments, cpu, distributed_type, device):
     p = plan(hardware, precision="bf16", grad_accum=2, **arguments)
     assert p.accelerator_kwargs == {"mixed_precision": "bf16", "gradient_accumulation_steps": 2, "cpu": cpu}
@@ -120,13 +132,25 @@ def hardware(request):
 
 @pytest.mark.parametrize("zero, offload_optimizer, offload_param", ZERO_CASES)
 def test_deepspeed_config_is_complete(tmp_path, hardware, zero, offload_optimizer, offload_param):
-    p = plan(hardware, zero=zero, offload_optimizer=offload_optimizer, offload_param=offload_param,
-             nvme_path=str(tmp_path), procs=2, batch_size=4, grad_accum=3, precision="bf16")
+    p = plan(
+        hardware,
+        zero=zero,
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        nvme_path=str(tmp_path),
+        procs=2,
+        batch_size=4,
+        grad_accum=3,
+        precision="bf16",
+    )
     ds = p.deepspeed_config
     assert "auto" not in values(ds) and None not in values(ds)
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
-        (p.effective_batch, 4, 3)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        p.effective_batch,
+        4,
+        3,
+    )
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     zo = ds["zero_optimization"]
     assert zo["stage"] == zero
@@ -151,8 +175,17 @@ def test_deepspeed_accepts_the_config(tmp_path, monkeypatch, hardware, zero, off
 
     monkeypatch.setattr(comm, "get_rank", lambda *args, **kwargs: 0)
     monkeypatch.setattr(comm, "get_world_size", lambda *args, **kwargs: procs)
-    p = plan(hardware, zero=zero, offload_optimizer=offload_optimizer, offload_param=offload_param,
-             nvme_path=str(tmp_path), procs=procs, batch_size=4, target_batch=16 * procs, precision="fp16")
+    p = plan(
+        hardware,
+        zero=zero,
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        nvme_path=str(tmp_path),
+        procs=procs,
+        batch_size=4,
+        target_batch=16 * procs,
+        precision="fp16",
+    )
     ds = DeepSpeedConfig(p.deepspeed_config)
     assert ds.world_size == procs
     assert (ds.train_batch_size, ds.gradient_accumulation_steps) == (16 * procs, 4)
@@ -174,12 +207,16 @@ def test_offload_on_gpu_notes_the_cpu_adam_build():
 
 # --- batch arithmetic and learning rate -------------------------------------------------
 
-@pytest.mark.parametrize("batch_size, procs, target_batch, grad_accum", [
-    (8, 1, 8, 1),
-    (8, 1, 64, 8),
-    (4, 2, 64, 8),
-    (3, 2, 18, 3),
-])
+
+@pytest.mark.parametrize(
+    "batch_size, procs, target_batch, grad_accum",
+    [
+        (8, 1, 8, 1),
+        (8, 1, 64, 8),
+        (4, 2, 64, 8),
+        (3, 2, 18, 3),
+    ],
+)
 def test_accumulation_from_a_target_batch(batch_size, procs, target_batch, grad_accum):
     p = plan(batch_size=batch_size, procs=procs, target_batch=target_batch, zero=2)
     assert (p.micro_batch, p.grad_accum, p.procs, p.effective_batch) == (batch_size, grad_accum, procs, target_batch)
@@ -188,14 +225,17 @@ def test_accumulation_from_a_target_batch(batch_size, procs, target_batch, grad_
     assert p.deepspeed_config["train_batch_size"] == target_batch
 
 
-@pytest.mark.parametrize("rule, reference, expected", [
-    ("none", None, 1e-3),
-    ("linear", None, 8e-3),       # effective 64 / batch 8
-    ("sqrt", None, 1e-3 * math.sqrt(8)),
-    ("linear", 32, 2e-3),         # effective 64 / reference 32
-    ("sqrt", 16, 2e-3),           # sqrt(64 / 16)
-    ("linear", 128, 0.5e-3),      # a larger reference scales down
-])
+@pytest.mark.parametrize(
+    "rule, reference, expected",
+    [
+        ("none", None, 1e-3),
+        ("linear", None, 8e-3),  # effective 64 / batch 8
+        ("sqrt", None, 1e-3 * math.sqrt(8)),
+        ("linear", 32, 2e-3),  # effective 64 / reference 32
+        ("sqrt", 16, 2e-3),  # sqrt(64 / 16)
+        ("linear", 128, 0.5e-3),  # a larger reference scales down
+    ],
+)
 def test_lr_scaling(rule, reference, expected):
     p = plan(lr=1e-3, batch_size=8, procs=2, grad_accum=4, lr_scaling=rule, lr_reference_batch=reference)
     assert p.effective_batch == 64
@@ -204,6 +244,7 @@ def test_lr_scaling(rule, reference, expected):
 
 
 # --- impossible on this hardware --------------------------------------------------------
+
 
 def test_more_processes_than_gpus_is_an_error():
     with pytest.raises(ConfigError) as info:
@@ -228,19 +269,26 @@ def test_fsdp_with_force_cpu_on_a_gpu_host_is_an_error():
         plan(GPU, fsdp=True, force_cpu=True)
 
 
-@pytest.mark.parametrize("hardware, arguments, first_line", [
-    (GPU, {"zero": 3, "offload_optimizer": "cpu", "offload_param": "cpu", "procs": 2, "precision": "bf16"},
-     "DeepSpeed ZeRO-3 (offload optimizer->cpu, params->cpu), bf16, 2 x CUDA (DEEPSPEED)"),
-    (GPU, {"fsdp": True, "procs": 2, "precision": "fp16"}, "FSDP, fp16, 2 x CUDA (FSDP)"),
-    (CPU, {"procs": 2, "precision": "no"}, "DDP, fp32, 2 x CPU (MULTI_CPU)"),
-    (CPU, {"procs": 1, "precision": "bf16"}, "single process, bf16, 1 x CPU (NO)"),
-    (CPU, {"zero": 2, "procs": 2, "precision": "no"}, "DeepSpeed ZeRO-2, fp32, 2 x CPU (DEEPSPEED)"),
-])
+@pytest.mark.parametrize(
+    "hardware, arguments, first_line",
+    [
+        (
+            GPU,
+            {"zero": 3, "offload_optimizer": "cpu", "offload_param": "cpu", "procs": 2, "precision": "bf16"},
+            "DeepSpeed ZeRO-3 (offload optimizer->cpu, params->cpu), bf16, 2 x CUDA (DEEPSPEED)",
+        ),
+        (GPU, {"fsdp": True, "procs": 2, "precision": "fp16"}, "FSDP, fp16, 2 x CUDA (FSDP)"),
+        (CPU, {"procs": 2, "precision": "no"}, "DDP, fp32, 2 x CPU (MULTI_CPU)"),
+        (CPU, {"procs": 1, "precision": "bf16"}, "single process, bf16, 1 x CPU (NO)"),
+        (CPU, {"zero": 2, "procs": 2, "precision": "no"}, "DeepSpeed ZeRO-2, fp32, 2 x CPU (DEEPSPEED)"),
+    ],
+)
 def test_describe_names_strategy_precision_and_processes(hardware, arguments, first_line):
     assert plan(hardware, **arguments).describe().splitlines()[0] == first_line
 
 
 # --- memory -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("hardware", [CPU, GPU], ids=["cpu", "gpu"])
 def test_memory_rows_when_the_parameter_count_is_known(hardware):
@@ -262,8 +310,9 @@ def test_cpu_workers_get_a_share_of_the_cores_or_the_users_omp_num_threads(monke
     assert "OMP_NUM_THREADS" not in plan(GPU, procs=min(procs, 2)).worker_env
 
 
-@pytest.mark.parametrize("content, cpus", [("200000 100000\n", 2.0), ("50000 100000", 0.5), ("max 100000", None),
-                                           ("", None)])
+@pytest.mark.parametrize(
+    "content, cpus", [("200000 100000\n", 2.0), ("50000 100000", 0.5), ("max 100000", None), ("", None)]
+)
 def test_a_containers_cpu_quota_is_read_from_its_cgroup(tmp_path, content, cpus):
     from nexa_nb.hardware import cgroup_cpu_quota
 

@@ -22,21 +22,42 @@ START, END = "<!-- settings table: start -->", "<!-- settings table: end -->"
 
 # A value other than the default for each field, as a flag types it, and the value it means.
 TYPED = {
-    "precision": ("--bf16", "bf16"), "strict": ("--strict", True), "batch_size": ("--batch-size 4", 4),
-    "grad_accum": ("--grad-accum 2", 2), "target_batch": ("--target-batch 16", 16),
-    "lr_scaling": ("--lr-scaling sqrt", "sqrt"), "lr_reference_batch": ("--lr-reference-batch 4", 4),
-    "procs": ("--procs 2", 2), "num_machines": ("--num-machines 2", 2), "zero": ("--zero 3", 3),
-    "offload_optimizer": ("--offload cpu", "cpu"), "offload_param": ("--offload-param cpu", "cpu"),
-    "nvme_path": ("--nvme-path .", "."), "fsdp": ("--fsdp", True),
-    "find_unused_parameters": ("--find-unused-parameters", True), "grad_ckpt": ("--grad-ckpt", True),
-    "lora": ("--lora", True), "lora_r": ("--lora-r 4", 4), "lora_alpha": ("--lora-alpha 8", 8),
-    "lora_dropout": ("--lora-dropout 0.1", 0.1), "lora_target_modules": ("--lora-target-modules q,v", ("q", "v")),
-    "lr": ("--lr 0.02", 0.02), "weight_decay": ("--weight-decay 0.01", 0.01), "clip_norm": ("--clip-norm none", None),
-    "warmup_steps": ("--warmup-steps 3", 3), "scheduler": ("--scheduler cosine", "cosine"),
-    "epochs": ("--epochs 2", 2), "max_steps": ("--max-steps 5", 5), "seed": ("--seed 3", 3),
-    "ckpt_dir": ("--ckpt-dir ck", "ck"), "ckpt_every": ("--ckpt-every 5", 5), "resume": ("--resume latest", "latest"),
-    "eval_every": ("--eval-every 5", 5), "trackers": ("--trackers tensorboard,mlflow", ("tensorboard", "mlflow")),
-    "log_dir": ("--log-dir logs", "logs"), "force_cpu": ("--force-cpu", True),
+    "precision": ("--bf16", "bf16"),
+    "strict": ("--strict", True),
+    "batch_size": ("--batch-size 4", 4),
+    "grad_accum": ("--grad-accum 2", 2),
+    "target_batch": ("--target-batch 16", 16),
+    "lr_scaling": ("--lr-scaling sqrt", "sqrt"),
+    "lr_reference_batch": ("--lr-reference-batch 4", 4),
+    "procs": ("--procs 2", 2),
+    "num_machines": ("--num-machines 2", 2),
+    "zero": ("--zero 3", 3),
+    "offload_optimizer": ("--offload cpu", "cpu"),
+    "offload_param": ("--offload-param cpu", "cpu"),
+    "nvme_path": ("--nvme-path .", "."),
+    "fsdp": ("--fsdp", True),
+    "find_unused_parameters": ("--find-unused-parameters", True),
+    "grad_ckpt": ("--grad-ckpt", True),
+    "lora": ("--lora", True),
+    "lora_r": ("--lora-r 4", 4),
+    "lora_alpha": ("--lora-alpha 8", 8),
+    "lora_dropout": ("--lora-dropout 0.1", 0.1),
+    "lora_target_modules": ("--lora-target-modules q,v", ("q", "v")),
+    "lr": ("--lr 0.02", 0.02),
+    "weight_decay": ("--weight-decay 0.01", 0.01),
+    "clip_norm": ("--clip-norm none", None),
+    "warmup_steps": ("--warmup-steps 3", 3),
+    "scheduler": ("--scheduler cosine", "cosine"),
+    "epochs": ("--epochs 2", 2),
+    "max_steps": ("--max-steps 5", 5),
+    "seed": ("--seed 3", 3),
+    "ckpt_dir": ("--ckpt-dir ck", "ck"),
+    "ckpt_every": ("--ckpt-every 5", 5),
+    "resume": ("--resume latest", "latest"),
+    "eval_every": ("--eval-every 5", 5),
+    "trackers": ("--trackers tensorboard,mlflow", ("tensorboard", "mlflow")),
+    "log_dir": ("--log-dir logs", "logs"),
+    "force_cpu": ("--force-cpu", True),
 }
 
 
@@ -65,8 +86,12 @@ def test_every_field_has_a_flag_in_the_help_that_parses_to_its_value(shell, name
 
 
 # What a value needs beside it to pass the rules that involve several fields.
-CONTEXT = {"offload_optimizer": {"zero": 2}, "offload_param": {"zero": 3}, "resume": {"ckpt_dir": "ck"},
-           "ckpt_every": {"ckpt_dir": "ck"}}
+CONTEXT = {
+    "offload_optimizer": {"zero": 2},
+    "offload_param": {"zero": 3},
+    "resume": {"ckpt_dir": "ck"},
+    "ckpt_every": {"ckpt_dir": "ck"},
+}
 
 
 @pytest.mark.parametrize("name", list(FIELDS))
@@ -108,7 +133,8 @@ def test_the_readme_settings_table_is_generated_from_the_declarations():
     table = text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
     assert table == settings_markdown(), (
         "README.md's settings table is stale; regenerate it: "
-        "python -c 'import nexa_nb.settings as s; s.write_readme_table(\"README.md\")'")
+        "python -c 'import nexa_nb.settings as s; s.write_readme_table(\"README.md\")'"
+    )
     for name in FIELDS:
         assert f"| `{name}` |" in table
 
@@ -125,15 +151,19 @@ def regression_task() -> nexa_nb.Task:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(128, 8, generator=g)
     y = x @ torch.randn(8, 1, generator=g)
-    return nexa_nb.Task(lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)),
-                        list(zip(x, y)), loss_fn=lambda out, batch: torch.nn.functional.mse_loss(out, batch[-1]))
+    return nexa_nb.Task(
+        lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)),
+        list(zip(x, y)),
+        loss_fn=lambda out, batch: torch.nn.functional.mse_loss(out, batch[-1]),
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("offload", [{"offload": "cpu"}, {"offload_optimizer": "cpu"}])
 def test_train_with_the_offload_keyword_runs_deepspeed_in_two_processes(offload):
-    result = nexa_nb.train(regression_task(), zero=3, offload_param="cpu", procs=2, batch_size=8, max_steps=6,
-                           lr=0.01, sinks=[], **offload)
+    result = nexa_nb.train(
+        regression_task(), zero=3, offload_param="cpu", procs=2, batch_size=8, max_steps=6, lr=0.01, sinks=[], **offload
+    )
     assert (result.status, result.distributed_type, result.num_processes) == ("completed", "DEEPSPEED", 2)
     assert result.plan.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert result.plan.deepspeed_config["zero_optimization"]["offload_param"]["device"] == "cpu"

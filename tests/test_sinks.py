@@ -130,8 +130,10 @@ def test_console_default_every_gives_about_ten_step_lines():
 @pytest.mark.parametrize(
     "end, last_line",
     [
-        (RunEnded("interrupted", 7, final_loss=1.8, message="interrupted at step 7", checkpoint_dir="ckpt/step-7"),
-         "interrupted at step 7, final loss 1.8000 (checkpoint: ckpt/step-7)"),
+        (
+            RunEnded("interrupted", 7, final_loss=1.8, message="interrupted at step 7", checkpoint_dir="ckpt/step-7"),
+            "interrupted at step 7, final loss 1.8000 (checkpoint: ckpt/step-7)",
+        ),
         (RunEnded("failed", 7, message="CUDA out of memory"), "failed at step 7, final loss n/a: CUDA out of memory"),
     ],
 )
@@ -162,7 +164,10 @@ def test_dashboard_follows_a_complete_run():
     assert dashboard.status == "completed 20 steps"
 
     loss_html = dashboard.loss_view.value
-    assert re.findall(r'class="nexa-loss" data-rank="(\d)" data-points="(\d+)"', loss_html) == [("0", "20"), ("1", "20")]
+    assert re.findall(r'class="nexa-loss" data-rank="(\d)" data-points="(\d+)"', loss_html) == [
+        ("0", "20"),
+        ("1", "20"),
+    ]
     assert 'class="nexa-eval-loss" data-points="1"' in loss_html
     assert "eval at step 10: eval_loss 1.6000, accuracy 0.7500" in loss_html
     assert re.findall(r'class="nexa-memory-row" data-rank="(\d)"', dashboard.memory_view.value) == ["0", "1"]
@@ -212,10 +217,18 @@ def test_dashboard_throttles_redraws():
 @pytest.mark.parametrize(
     "end, status, data_status, summary_end",
     [
-        (RunEnded("interrupted", 7, final_loss=1.8, message="interrupted at step 7"), "interrupted at step 7", "interrupted",
-         "loss 2.4 -> 1.8; interrupted at step 7 of 20."),
-        (RunEnded("failed", 7, message="CUDA out of memory"), "failed at step 7: CUDA out of memory", "failed",
-         "loss 2.4 -> 1.8; failed at step 7 of 20: CUDA out of memory."),
+        (
+            RunEnded("interrupted", 7, final_loss=1.8, message="interrupted at step 7"),
+            "interrupted at step 7",
+            "interrupted",
+            "loss 2.4 -> 1.8; interrupted at step 7 of 20.",
+        ),
+        (
+            RunEnded("failed", 7, message="CUDA out of memory"),
+            "failed at step 7: CUDA out of memory",
+            "failed",
+            "loss 2.4 -> 1.8; failed at step 7 of 20: CUDA out of memory.",
+        ),
     ],
 )
 def test_dashboard_end_states(end, status, data_status, summary_end):
@@ -352,5 +365,9 @@ def test_worker_events_go_in_batches_while_steps_are_fast_and_at_once_when_slow(
     emit(COMPLETED)
 
     assert [[type(e).__name__ + (str(e.step) if isinstance(e, StepEnd) else "") for e in batch] for batch in sent] == [
-        ["RunStarted"], ["StepEnd1", "StepEnd2", "StepEnd3"], ["StepEnd4", "StepEnd5"], ["StepEnd6", f"StepEnd{TOTAL}"],
-        ["RunEnded"]]
+        ["RunStarted"],
+        ["StepEnd1", "StepEnd2", "StepEnd3"],
+        ["StepEnd4", "StepEnd5"],
+        ["StepEnd6", f"StepEnd{TOTAL}"],
+        ["RunEnded"],
+    ]

@@ -44,12 +44,12 @@ def test_saved_notebook_shows_the_run_without_widgets(tmp_path, monkeypatch):
     assert not any(WIDGET_VIEW in o.get("data", {}) for cell in saved.cells for o in cell.get("outputs", []))
 
     jupyter = Path(sys.executable).with_name("jupyter")
-    subprocess.run([str(jupyter), "nbconvert", "--to", "html", str(path)], check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run([str(jupyter), "nbconvert", "--to", "html", str(path)], check=True, capture_output=True, timeout=300)
     html = path.with_suffix(".html").read_text()
     # nbconvert's lab template embeds an SVG output as <img src="data:image/svg+xml;base64,...">.
-    embedded = [base64.b64decode(data).decode()
-                for data in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', html)]
+    embedded = [
+        base64.b64decode(data).decode() for data in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', html)
+    ]
     assert embedded == pictures
     assert '<polyline class="nexa-loss" data-rank="0" data-points="5"' in embedded[0]
     assert ">completed 5 steps</text>" in embedded[0]

@@ -40,16 +40,25 @@ def test_precision_label(precision, label):
     assert precision_label(precision) == label
 
 
-@pytest.mark.parametrize("zero, distributed_type, label", [
-    (3, "DEEPSPEED", "ZeRO-3"), (0, "DEEPSPEED", "ZeRO-0"), (None, "FSDP", "FSDP"), (None, "MULTI_GPU", "DDP"),
-    (None, "MULTI_CPU", "DDP"), (None, "NO", "single process"),
-])
+@pytest.mark.parametrize(
+    "zero, distributed_type, label",
+    [
+        (3, "DEEPSPEED", "ZeRO-3"),
+        (0, "DEEPSPEED", "ZeRO-0"),
+        (None, "FSDP", "FSDP"),
+        (None, "MULTI_GPU", "DDP"),
+        (None, "MULTI_CPU", "DDP"),
+        (None, "NO", "single process"),
+    ],
+)
 def test_strategy_label(zero, distributed_type, label):
     assert strategy_label(zero, distributed_type) == label
 
 
 def test_strategy_description_names_deepspeed_and_the_offloads():
-    assert strategy_description(3, "DEEPSPEED", "cpu", "nvme") == "DeepSpeed ZeRO-3 (offload optimizer->cpu, params->nvme)"
+    assert (
+        strategy_description(3, "DEEPSPEED", "cpu", "nvme") == "DeepSpeed ZeRO-3 (offload optimizer->cpu, params->nvme)"
+    )
     assert strategy_description(2, "DEEPSPEED", "cpu") == "DeepSpeed ZeRO-2 (offload optimizer->cpu)"
     assert strategy_description(1, "DEEPSPEED") == "DeepSpeed ZeRO-1"
     assert strategy_description(None, "MULTI_GPU") == "DDP"

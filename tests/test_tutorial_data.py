@@ -60,6 +60,7 @@ def test_heldout_templates_and_entities_are_unseen_in_training(corpus):
 
 def test_heldout_entities_are_new_values_of_known_types(corpus):
     train, heldout, _ = corpus
+
     def kinds(data):
         return {kind for ex in data for kind, _ in ner_data.entity_mentions(ex)}
 

@@ -31,6 +31,7 @@ def pairs():
 
 # --- collate and forward ----------------------------------------------------------------
 
+
 def test_collate_tokenizes_queries_and_distinct_clauses(collator):
     pairs = [("q one", "clause A"), ("q two", "clause B"), ("q three", "clause A"), ("q four", "clause C")]
     batch = collator(pairs)
@@ -101,6 +102,7 @@ def test_freezing_embeddings_halves_the_trainable_parameters():
 
 # --- loss ---------------------------------------------------------------------------------
 
+
 def test_loss_is_near_zero_when_each_query_equals_its_document():
     g = torch.Generator().manual_seed(0)
     vectors = torch.nn.functional.normalize(torch.randn(8, 64, generator=g), dim=-1)
@@ -110,7 +112,8 @@ def test_loss_is_near_zero_when_each_query_equals_its_document():
     assert shuffled.item() > 10.0
     # At scale 20 the same holds less sharply, and chance level is ln(8).
     assert embeddings.in_batch_negatives_loss(vectors, vectors) < embeddings.in_batch_negatives_loss(
-        vectors, vectors[torch.roll(torch.arange(8), 1)])
+        vectors, vectors[torch.roll(torch.arange(8), 1)]
+    )
     same = torch.nn.functional.normalize(torch.ones(8, 64), dim=-1)
     assert math.isclose(embeddings.in_batch_negatives_loss(same, same).item(), math.log(8), rel_tol=1e-5)
 
@@ -128,6 +131,7 @@ def test_loss_with_labels_scores_queries_against_distinct_documents():
 
 
 # --- metric -------------------------------------------------------------------------------
+
 
 class Oracle(torch.nn.Module):
     """Embeds a text by looking it up: requirement i gets the vector of clause i + shift."""
@@ -151,7 +155,7 @@ class Oracle(torch.nn.Module):
 def test_metric_ranks_requirements_against_all_heldout_clauses(collator, pairs):
     _, heldout = pairs
     candidates = embeddings.candidate_clauses(heldout)
-    assert candidates[:len(heldout)] == [c for _, c in heldout]
+    assert candidates[: len(heldout)] == [c for _, c in heldout]
     assert sorted(candidates) == sorted(heldout_clauses()) and len(set(candidates)) == len(candidates)
 
     metric = embeddings.RetrievalMetrics(heldout, collator, batch_size=5)
@@ -160,6 +164,7 @@ def test_metric_ranks_requirements_against_all_heldout_clauses(collator, pairs):
 
 
 # --- a real run -----------------------------------------------------------------------------
+
 
 def test_a_short_real_run_reports_heldout_accuracy(collator, pairs, quiet):
     import nexa_nb

@@ -97,8 +97,19 @@ def test_a_short_lora_run_reports_heldout_f1(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     task, label_names, heldout = ner.ner_task(n_train=16, n_heldout=8, max_length=32)
-    result = nexa_nb.train(task, procs=1, lora=True, lora_r=4, lora_alpha=8, grad_ckpt=True, batch_size=4,
-                           grad_accum=2, max_steps=2, lr=5e-3, sinks=[RecordingSink()])
+    result = nexa_nb.train(
+        task,
+        procs=1,
+        lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        grad_ckpt=True,
+        batch_size=4,
+        grad_accum=2,
+        max_steps=2,
+        lr=5e-3,
+        sinks=[RecordingSink()],
+    )
     assert result.status == "completed" and len(result.history) == 2
     assert set(result.eval_metrics) == {"loss", "f1"}
     assert 0.0 <= result.eval_metrics["f1"] <= 1.0
@@ -106,4 +117,5 @@ def test_a_short_lora_run_reports_heldout_f1(tmp_path, monkeypatch):
     model = result.trained_model()
     assert type(model).__name__ == "BertForTokenClassification"
     assert ner.heldout_f1(model, heldout, label_names, max_length=32) == pytest.approx(
-        result.eval_metrics["f1"], abs=1e-6)
+        result.eval_metrics["f1"], abs=1e-6
+    )

@@ -17,7 +17,8 @@ from nexa_tutorials import yolo
 pytestmark = pytest.mark.skipif(
     not yolo.ultralytics_available(),
     reason="Ultralytics is not installed here: the YOLO tutorial's tests run in the yolo environment "
-           "(pip install \"nexa-nb[yolo]\"; on the CPU machines, make builds .venv-yolo)")
+    '(pip install "nexa-nb[yolo]"; on the CPU machines, make builds .venv-yolo)',
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +87,18 @@ def test_loss_is_a_finite_scalar_per_image_and_backpropagates(model, batch):
 
 def _raw(boxes_xywh, scores):
     """One image's raw head output (1, 4 + nc, anchors) from pixel xywh boxes and class scores."""
-    return torch.cat([torch.tensor(boxes_xywh, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32)], 1).T[None]
+    return torch.cat([torch.tensor(boxes_xywh, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32)], 1).T[
+        None
+    ]
 
 
 def test_nms_keeps_the_best_of_overlapping_boxes_per_class():
     from ultralytics.utils.nms import non_max_suppression
 
-    raw = _raw([[50, 50, 20, 40], [51, 50, 20, 40], [50, 50, 20, 40], [100, 100, 10, 10]],
-               [[0.9, 0.0], [0.8, 0.0], [0.0, 0.7], [0.6, 0.0]])
+    raw = _raw(
+        [[50, 50, 20, 40], [51, 50, 20, 40], [50, 50, 20, 40], [100, 100, 10, 10]],
+        [[0.9, 0.0], [0.8, 0.0], [0.0, 0.7], [0.6, 0.0]],
+    )
     out = non_max_suppression(raw, conf_thres=0.25, iou_thres=0.5)[0]
     # The near-duplicate pole (IoU 0.95 with a better one) goes; the crossarm at the same
     # place stays (NMS is per class); the distant box stays.
@@ -149,6 +154,7 @@ def test_map_counts_misses_wrong_classes_and_duplicates(batch):
 
 def test_nothing_reaches_for_the_network(monkeypatch, batch):
     """Model, loss, NMS and metrics with every socket connection refused."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access: {args[:2]}")
 

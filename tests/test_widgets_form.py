@@ -19,24 +19,35 @@ from IPython.utils.capture import capture_output
 import nexa_nb
 from nexa_nb import api, widgets_form
 from nexa_nb.config import TrainConfig, resolve_config
-from nexa_nb.hardware import Hardware
 from nexa_nb.flags import options_of, parse
-from nexa_nb.session import Session
+from nexa_nb.hardware import Hardware
 from nexa_nb.memory import format_bytes, model_state_memory
 from nexa_nb.plan import make_plan
+from nexa_nb.session import Session
 from nexa_nb.widgets_form import ConfigForm, form_values, magic_line, options_from_form
 
 GiB = 2**30
 CPU_HOST = Hardware(cpu_cores=2, host_memory_bytes=16 * GiB, host_available_bytes=12 * GiB)
-CONFIG_ENV = ("ACCELERATE_MIXED_PRECISION", "GRADIENT_ACCUMULATION_STEPS", "FORCE_CPU", "USE_DEEPSPEED",
-              "DEEPSPEED_ZERO_STAGE", "DEEPSPEED_OFFLOAD_OPTIMIZER", "DEEPSPEED_OFFLOAD_PARAM",
-              "ACCELERATE_GRADIENT_CHECKPOINTING", "SEED")
+CONFIG_ENV = (
+    "ACCELERATE_MIXED_PRECISION",
+    "GRADIENT_ACCUMULATION_STEPS",
+    "FORCE_CPU",
+    "USE_DEEPSPEED",
+    "DEEPSPEED_ZERO_STAGE",
+    "DEEPSPEED_OFFLOAD_OPTIMIZER",
+    "DEEPSPEED_OFFLOAD_PARAM",
+    "ACCELERATE_GRADIENT_CHECKPOINTING",
+    "SEED",
+)
 
 
 def tiny_task() -> nexa_nb.Task:
     """A Linear(4, 1): 5 parameters, all in one layer."""
-    return nexa_nb.Task(lambda: torch.nn.Linear(4, 1), list(zip(torch.randn(64, 4), torch.randn(64, 1))),
-                        loss_fn=lambda out, batch: torch.nn.functional.mse_loss(out, batch[-1]))
+    return nexa_nb.Task(
+        lambda: torch.nn.Linear(4, 1),
+        list(zip(torch.randn(64, 4), torch.randn(64, 1))),
+        loss_fn=lambda out, batch: torch.nn.functional.mse_loss(out, batch[-1]),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -93,20 +104,40 @@ def flags_error(shell, flags: str) -> str:
 
 # --- the pure part ---------------------------------------------------------------------------
 
+
 def test_options_and_magic_line_spell_the_flags_of_nexa_train(magics):
     values = form_values(TrainConfig())
-    values.update(zero="3", offload_optimizer="nvme", offload_param="cpu", nvme_path="~/nvme",
-                  precision="bf16", batch_size=4, grad_accum=2, procs=2, epochs=3, max_steps="50", lr=3e-4,
-                  lora=True, lora_r=4, lora_alpha=8, grad_ckpt=True)
+    values.update(
+        zero="3",
+        offload_optimizer="nvme",
+        offload_param="cpu",
+        nvme_path="~/nvme",
+        precision="bf16",
+        batch_size=4,
+        grad_accum=2,
+        procs=2,
+        epochs=3,
+        max_steps="50",
+        lr=3e-4,
+        lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        grad_ckpt=True,
+    )
     options = options_from_form(values)
     line = magic_line(options)
-    assert line == ("%nexa_train --zero 3 --offload nvme --offload-param cpu --nvme-path ~/nvme --bf16 "
-                    "--batch-size 4 --grad-accum 2 --procs 2 --epochs 3 --max-steps 50 --lr 0.0003 --lora "
-                    "--lora-r 4 --lora-alpha 8 --grad-ckpt")
+    assert line == (
+        "%nexa_train --zero 3 --offload nvme --offload-param cpu --nvme-path ~/nvme --bf16 "
+        "--batch-size 4 --grad-accum 2 --procs 2 --epochs 3 --max-steps 50 --lr 0.0003 --lora "
+        "--lora-r 4 --lora-alpha 8 --grad-ckpt"
+    )
     typed = options_of(parse(magics.nexa_train, line.removeprefix("%nexa_train ")))
     defaults = TrainConfig()
-    assert typed == {name: value for name, value in options.items()  # the form's settings other than defaults
-                     if value is not None and value != getattr(defaults, name)}
+    assert typed == {
+        name: value
+        for name, value in options.items()  # the form's settings other than defaults
+        if value is not None and value != getattr(defaults, name)
+    }
 
 
 def test_empty_text_is_none_and_a_target_batch_leaves_the_accumulation_to_the_core():
@@ -123,6 +154,7 @@ def test_empty_text_is_none_and_a_target_batch_leaves_the_accumulation_to_the_co
 
 
 # --- what the form shows -----------------------------------------------------------------------
+
 
 def test_starts_from_the_session_defaults():
     defaults = Session(defaults={"zero": 2, "precision": "bf16", "grad_accum": 4})
@@ -170,12 +202,15 @@ def test_memory_is_unknown_without_a_task(magics):
     assert not form.train_button.disabled  # the task may be defined before Train is clicked
 
 
-@pytest.mark.parametrize("controls, flags", [
-    ({"zero": "2", "offload_param": "cpu"}, "--zero 2 --offload-param cpu"),
-    ({"offload_optimizer": "cpu"}, "--offload cpu"),
-    ({"target_batch": "30"}, "--target-batch 30"),
-    ({"procs": 9}, "--procs 9"),  # refused by the plan: too many processes for 2 cores
-])
+@pytest.mark.parametrize(
+    "controls, flags",
+    [
+        ({"zero": "2", "offload_param": "cpu"}, "--zero 2 --offload-param cpu"),
+        ({"offload_optimizer": "cpu"}, "--offload cpu"),
+        ({"target_batch": "30"}, "--target-batch 30"),
+        ({"procs": 9}, "--procs 9"),  # refused by the plan: too many processes for 2 cores
+    ],
+)
 def test_impossible_combinations_give_the_flags_message_and_disable_train(form, shell, magics, controls, flags):
     set_controls(form, **controls)
     message = flags_error(shell, flags)
@@ -190,6 +225,7 @@ def test_impossible_combinations_give_the_flags_message_and_disable_train(form, 
 
 
 # --- the buttons -------------------------------------------------------------------------------
+
 
 def test_apply_as_defaults_sets_the_session_that_later_runs_resolve():
     defaults = Session(defaults={"seed": 7, "grad_accum": 4})

@@ -44,9 +44,12 @@ def save(plan, path: str) -> None:
     try:
         export.save_accelerate_config(plan.config, path)
     except OSError as exc:
-        raise UsageError(f"cannot write {path!r} ({exc.strerror or exc}). Fix: pass a file path in a "
-                         "writable folder.") from None
+        raise UsageError(
+            f"cannot write {path!r} ({exc.strerror or exc}). Fix: pass a file path in a writable folder."
+        ) from None
     print(f"wrote {path}; run a script with it: accelerate launch --config_file {path} SCRIPT")
     if plan.uses_deepspeed and plan.device == "cpu" and plan.procs > 1:
-        print("note: without a GPU, `accelerate test` fails on this file: its test script sets no gloo "
-              "backend for DeepSpeed, so each process believes it is alone (nexa_nb's engine sets it)")
+        print(
+            "note: without a GPU, `accelerate test` fails on this file: its test script sets no gloo "
+            "backend for DeepSpeed, so each process believes it is alone (nexa_nb's engine sets it)"
+        )

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from IPython.core.error import UsageError
 
 from nexa_nb.config import ConfigError
-from nexa_nb.text import one_line
 from nexa_nb.errors import TrainingError
+from nexa_nb.text import one_line
 
 
 @contextmanager

@@ -61,17 +61,34 @@ def run(session: Session, args, *, model=None, counted: str = "given") -> None:
         where = f"{hw.gpus[0].name}, {text.format_bytes(device_bytes)} each"
     else:
         device_bytes = hw.host_available_bytes // devices
-        where = (f"no GPU: host memory is the device memory, {text.format_bytes(hw.host_available_bytes)} "
-                 f"available shared by {devices} process(es)")
+        where = (
+            f"no GPU: host memory is the device memory, {text.format_bytes(hw.host_available_bytes)} "
+            f"available shared by {devices} process(es)"
+        )
     with core_errors(ValueError):
         rows = memory.memory_table(total, largest, gpus_per_node=devices)
-        best = memory.recommend(total, largest, device_bytes_available=device_bytes,
-                                host_bytes_available=hw.host_available_bytes, gpus_per_node=devices,
-                                wanted_micro_batch=cfg.batch_size)
+        best = memory.recommend(
+            total,
+            largest,
+            device_bytes_available=device_bytes,
+            host_bytes_available=hw.host_available_bytes,
+            gpus_per_node=devices,
+            wanted_micro_batch=cfg.batch_size,
+        )
     print(f"model: {total:,} parameters, largest layer {largest:,} ({counted})")
     print(f"devices: {devices} ({where}); host: {text.format_bytes(hw.host_available_bytes)} available")
-    print(text.table([(setup_label(r) or "plain Accelerate", text.format_bytes(r.device_bytes),
-                       text.format_bytes(r.host_bytes)) for r in rows],
-                     ("setup", "per device", "host")))
+    print(
+        text.table(
+            [
+                (
+                    setup_label(r) or "plain Accelerate",
+                    text.format_bytes(r.device_bytes),
+                    text.format_bytes(r.host_bytes),
+                )
+                for r in rows
+            ],
+            ("setup", "per device", "host"),
+        )
+    )
     print(f"recommended: {setup_label(best) or 'plain Accelerate (no --zero)'}")
     print(f"reason: {best.reason}")

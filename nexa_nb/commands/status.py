@@ -28,8 +28,10 @@ def run(session: Session, args) -> None:
 
     hw = probe()
     gpus = ", ".join(f"{g.name} ({text.format_bytes(g.memory_bytes)})" for g in hw.gpus)
-    print(f"devices: {gpus or 'no GPU (CPU processes)'}; host: {hw.cpu_cores} cores, "
-          f"{text.format_bytes(hw.host_memory_bytes)} ({text.format_bytes(hw.host_available_bytes)} available)")
+    print(
+        f"devices: {gpus or 'no GPU (CPU processes)'}; host: {hw.cpu_cores} cores, "
+        f"{text.format_bytes(hw.host_memory_bytes)} ({text.format_bytes(hw.host_available_bytes)} available)"
+    )
     try:
         print(make_plan(session.resolve()).describe())
     except ConfigError as exc:
@@ -38,8 +40,10 @@ def run(session: Session, args) -> None:
     result = api.last_result()
     if result is not None:
         loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-        print(f"last run: {result.status}, {len(result.history)} steps, final loss {loss}, "
-              f"{result.distributed_type} x {result.num_processes}"
-              + (f", checkpoint {result.checkpoint_dir}" if result.checkpoint_dir else ""))
+        print(
+            f"last run: {result.status}, {len(result.history)} steps, final loss {loss}, "
+            f"{result.distributed_type} x {result.num_processes}"
+            + (f", checkpoint {result.checkpoint_dir}" if result.checkpoint_dir else "")
+        )
     if session.last_error is not None:
         print(f"last failure: {session.last_error} (%nexa_status --traceback)")

@@ -11,5 +11,6 @@ from nexa_nb.task import Task
 def run(session: Session, task: Task, args, *, dashboard: bool, refresh_interval: float):
     """The plan, the live view, the run; the `TrainResult` is the cell's value."""
     with core_errors():
-        return session.train_in_cell(task, options_of(args), config_file=args.config, dashboard=dashboard,
-                                     refresh_interval=refresh_interval)
+        return session.train_in_cell(
+            task, options_of(args), config_file=args.config, dashboard=dashboard, refresh_interval=refresh_interval
+        )

@@ -33,11 +33,14 @@ def extract_loss(outputs, batch, loss_fn) -> torch.Tensor:
     else:
         raise TrainingError(
             f"the model returned {type(outputs).__name__} with no loss; pass Task(loss_fn=...) "
-            "or give the model labels so that its output has .loss")
+            "or give the model labels so that its output has .loss"
+        )
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise TrainingError(f"the loss must be a scalar tensor, got {type(loss).__name__}"
-                            f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}; "
-                            "reduce it with .mean() in loss_fn")
+        raise TrainingError(
+            f"the loss must be a scalar tensor, got {type(loss).__name__}"
+            f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}; "
+            "reduce it with .mean() in loss_fn"
+        )
     return loss
 
 

@@ -40,8 +40,10 @@ def complete_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
 def read_checkpoint_state(path: str | os.PathLike) -> TrainState:
     state_file = Path(path) / STATE_FILE
     if not state_file.is_file():
-        raise TrainingError(f"{path} is not a complete nexa_nb checkpoint (no {STATE_FILE}); "
-                            "pass a folder written by a finished save, or --resume latest")
+        raise TrainingError(
+            f"{path} is not a complete nexa_nb checkpoint (no {STATE_FILE}); "
+            "pass a folder written by a finished save, or --resume latest"
+        )
     try:
         return TrainState.from_dict(json.loads(state_file.read_text()))
     except json.JSONDecodeError:
@@ -76,8 +78,10 @@ def resume_path(config: TrainConfig) -> Path:
     if config.resume == "latest":
         found = complete_checkpoints(config.ckpt_dir)
         if not found:
-            raise TrainingError(f"--resume latest found no complete checkpoint in {config.ckpt_dir}; "
-                                "train once with --ckpt-dir first, or drop --resume")
+            raise TrainingError(
+                f"--resume latest found no complete checkpoint in {config.ckpt_dir}; "
+                "train once with --ckpt-dir first, or drop --resume"
+            )
         return found[-1]
     return Path(config.resume)
 
@@ -86,11 +90,15 @@ def check_resumable(state: TrainState, plan: Plan) -> None:
     """Refuse a checkpoint that `plan` cannot load: another ZeRO stage, or ZeRO shards for another world."""
     c = plan.config
     if state.zero != c.zero:
-        raise TrainingError(f"the checkpoint was written with ZeRO stage {state.zero}, this run uses {c.zero}; "
-                            f"resume with the same --zero {state.zero}")
+        raise TrainingError(
+            f"the checkpoint was written with ZeRO stage {state.zero}, this run uses {c.zero}; "
+            f"resume with the same --zero {state.zero}"
+        )
     if c.zero is not None and state.procs != plan.procs:
-        raise TrainingError(f"the ZeRO checkpoint was sharded over {state.procs} process(es), this run has "
-                            f"{plan.procs}; resume with --procs {state.procs}")
+        raise TrainingError(
+            f"the ZeRO checkpoint was sharded over {state.procs} process(es), this run has "
+            f"{plan.procs}; resume with --procs {state.procs}"
+        )
 
 
 def resume(accelerator, plan: Plan, start: TrainState) -> TrainState:
@@ -104,7 +112,8 @@ def resume(accelerator, plan: Plan, start: TrainState) -> TrainState:
     if saved.model not in (None, start.model):
         raise TrainingError(
             f"{path} holds another model ({saved.model['params']:,} parameters) than this task "
-            f"({start.model['params']:,}); resume with the task and LoRA settings that wrote it, or drop --resume")
+            f"({start.model['params']:,}); resume with the task and LoRA settings that wrote it, or drop --resume"
+        )
     accelerator.load_state(str(path))
     # Accelerate counts micro-steps to find accumulation boundaries; after an out-of-memory
     # restart the accumulation differs from the checkpoint's, so count from this run's.

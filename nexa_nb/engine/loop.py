@@ -46,17 +46,26 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
         raise TrainingError(
             f"these parameters take no part in the loss, and DDP cannot synchronise them: {', '.join(unused)}. "
             "Fix: leave them out of the model (or set requires_grad=False on them), "
-            "or pass --find-unused-parameters (find_unused_parameters=True)") from exc
+            "or pass --find-unused-parameters (find_unused_parameters=True)"
+        ) from exc
     finally:
         report.close()
 
     state_dict = final_state_dict(rt.accelerator, rt.model, plan) if status == "completed" else None
     final_loss = state.history[-1]["loss"] if state.history else None
     report.ended(status, state.step, final_loss, message)
-    return Outcome(status=status, history=state.history, final_loss=final_loss, eval_metrics=report.eval_metrics,
-                   checkpoint_dir=report.last_checkpoint, distributed_type=rt.distributed_type,
-                   num_processes=rt.accelerator.num_processes, state_dict=state_dict, message=message,
-                   notes=list(plan.notes))
+    return Outcome(
+        status=status,
+        history=state.history,
+        final_loss=final_loss,
+        eval_metrics=report.eval_metrics,
+        checkpoint_dir=report.last_checkpoint,
+        distributed_type=rt.distributed_type,
+        num_processes=rt.accelerator.num_processes,
+        state_dict=state_dict,
+        message=message,
+        notes=list(plan.notes),
+    )
 
 
 def fit(rt: Runtime, plan: Plan, task: Task, state: TrainState, report: StepReporter) -> None:
@@ -90,11 +99,16 @@ def fit(rt: Runtime, plan: Plan, task: Task, state: TrainState, report: StepRepo
                 continue
 
             state.step += 1
-            evaluating = bool(c.eval_every and rt.eval_loader is not None and state.step % c.eval_every == 0
-                              and state.step < rt.total_steps)
+            evaluating = bool(
+                c.eval_every
+                and rt.eval_loader is not None
+                and state.step % c.eval_every == 0
+                and state.step < rt.total_steps
+            )
             saving = bool(c.ckpt_dir and c.ckpt_every and state.step % c.ckpt_every == 0)
-            report.step_end(state.step, epoch, loss_sum / accum, rt.scheduler.get_last_lr()[0], grad_norm,
-                            now=evaluating or saving)
+            report.step_end(
+                state.step, epoch, loss_sum / accum, rt.scheduler.get_last_lr()[0], grad_norm, now=evaluating or saving
+            )
             if evaluating:
                 report.evaluated(state.step, evaluate(rt, task))
             if saving:
@@ -165,8 +179,10 @@ def final_state_dict(accelerator, model, plan: Plan) -> dict[str, torch.Tensor] 
         base = accelerator.unwrap_model(model)
         merged = copy.deepcopy(base).cpu().float().merge_and_unload()
         return {k: v.detach().cpu().clone() for k, v in merged.state_dict().items()}
-    return {k: v.detach().cpu().float().clone() if v.is_floating_point() else v.detach().cpu().clone()
-            for k, v in state.items()}
+    return {
+        k: v.detach().cpu().float().clone() if v.is_floating_point() else v.detach().cpu().clone()
+        for k, v in state.items()
+    }
 
 
 def _unused_parameters(exc: RuntimeError, model) -> list[str] | None:

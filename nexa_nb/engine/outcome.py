@@ -29,8 +29,15 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-def end_stream(emit: Callable[[ev.Event], None], status: str, step: int, *, final_loss: float | None = None,
-               message: str = "", checkpoint_dir: str | None = None) -> None:
+def end_stream(
+    emit: Callable[[ev.Event], None],
+    status: str,
+    step: int,
+    *,
+    final_loss: float | None = None,
+    message: str = "",
+    checkpoint_dir: str | None = None,
+) -> None:
     """Send a run's last event: from rank 0 when its loop returns, or from the kernel for a run
     whose workers were interrupted or failed first."""
     emit(ev.RunEnded(status=status, step=step, final_loss=final_loss, message=message, checkpoint_dir=checkpoint_dir))

@@ -80,9 +80,12 @@ def memory_sample(device: torch.device) -> ev.MemorySample:
     rss = psutil.Process().memory_info().rss
     if device.type == "cuda":
         return ev.MemorySample(
-            allocated=torch.cuda.memory_allocated(device), reserved=torch.cuda.memory_reserved(device),
+            allocated=torch.cuda.memory_allocated(device),
+            reserved=torch.cuda.memory_reserved(device),
             peak=torch.cuda.max_memory_allocated(device),
-            capacity=torch.cuda.get_device_properties(device).total_memory, host_rss=rss)
+            capacity=torch.cuda.get_device_properties(device).total_memory,
+            host_rss=rss,
+        )
     return ev.MemorySample(host_rss=rss)
 
 
@@ -90,8 +93,7 @@ class StepReporter:
     """One rank's reports. Every rank sends its steps and micro-steps; rank 0 alone sends the
     rest, and only rank 0's history and evaluations reach the caller."""
 
-    def __init__(self, emit: Callable[[ev.Event], None], accelerator, plan: Plan, total_steps: int,
-                 state: TrainState):
+    def __init__(self, emit: Callable[[ev.Event], None], accelerator, plan: Plan, total_steps: int, state: TrainState):
         self.emit = emit
         self.emit_main = emit if accelerator.is_main_process else (lambda e: None)
         self.accelerator = accelerator
@@ -114,9 +116,16 @@ class StepReporter:
         summary = self.plan.summary()
         if self.trackers:
             self.accelerator.init_trackers(task_name, config={k: v for k, v in summary.items() if v is not None})
-        self.emit_main(ev.RunStarted(plan_summary=summary, total_steps=self.total_steps,
-                                     num_processes=self.accelerator.num_processes, distributed_type=distributed_type,
-                                     notes=self.plan.notes, start_step=start_step))
+        self.emit_main(
+            ev.RunStarted(
+                plan_summary=summary,
+                total_steps=self.total_steps,
+                num_processes=self.accelerator.num_processes,
+                distributed_type=distributed_type,
+                notes=self.plan.notes,
+                start_step=start_step,
+            )
+        )
 
     def start_window(self) -> None:
         """Start timing the next optimizer step (its micro-batches, samples and tokens)."""
@@ -147,11 +156,21 @@ class StepReporter:
         if self.memory_due():
             self.memory = memory_sample(self.accelerator.device)
         report = ev.StepEnd(
-            rank=self.rank, step=step, total_steps=self.total_steps, loss=local_loss.item(), lr=lr, grad_norm=norm,
-            samples_per_s=self.samples / elapsed if elapsed > 0 else 0.0, memory=self.memory, epoch=epoch,
+            rank=self.rank,
+            step=step,
+            total_steps=self.total_steps,
+            loss=local_loss.item(),
+            lr=lr,
+            grad_norm=norm,
+            samples_per_s=self.samples / elapsed if elapsed > 0 else 0.0,
+            memory=self.memory,
+            epoch=epoch,
             tokens_per_s=(self.tokens / elapsed) if self.tokens and elapsed > 0 else None,
-            grad_accum=self.plan.grad_accum, micro_batch=self.plan.micro_batch, accum_time_s=elapsed,
-            mean_grad_norm=sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None)
+            grad_accum=self.plan.grad_accum,
+            micro_batch=self.plan.micro_batch,
+            accum_time_s=elapsed,
+            mean_grad_norm=sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None,
+        )
         self._record(self.mean_loss.post(local_loss, report))
         if now or elapsed >= 0.25 or step >= self.total_steps:
             self._record(self.mean_loss.finish())
@@ -161,14 +180,27 @@ class StepReporter:
         if finished is None:
             return
         global_loss, report = finished
-        self.history.append({"step": report.step, "loss": global_loss, "lr": report.lr, "grad_norm": report.grad_norm,
-                             "epoch": report.epoch, "samples_per_s": report.samples_per_s * self.plan.procs})
+        self.history.append(
+            {
+                "step": report.step,
+                "loss": global_loss,
+                "lr": report.lr,
+                "grad_norm": report.grad_norm,
+                "epoch": report.epoch,
+                "samples_per_s": report.samples_per_s * self.plan.procs,
+            }
+        )
         if self.rank == 0 or self.peer_step_due() or report.step >= self.total_steps:
             self.emit(dataclasses.replace(report, mean_loss=global_loss))
         if self.trackers:
-            self.accelerator.log({"train/loss": global_loss, "train/lr": report.lr,
-                                  **({"train/grad_norm": report.grad_norm} if report.grad_norm is not None else {})},
-                                 step=report.step)
+            self.accelerator.log(
+                {
+                    "train/loss": global_loss,
+                    "train/lr": report.lr,
+                    **({"train/grad_norm": report.grad_norm} if report.grad_norm is not None else {}),
+                },
+                step=report.step,
+            )
 
     def evaluated(self, step: int, metrics: dict[str, float]) -> None:
         self.eval_metrics = metrics
@@ -186,5 +218,6 @@ class StepReporter:
             self.accelerator.end_training()
 
     def ended(self, status: str, step: int, final_loss: float | None, message: str) -> None:
-        end_stream(self.emit_main, status, step, final_loss=final_loss, message=message,
-                   checkpoint_dir=self.last_checkpoint)
+        end_stream(
+            self.emit_main, status, step, final_loss=final_loss, message=message, checkpoint_dir=self.last_checkpoint
+        )

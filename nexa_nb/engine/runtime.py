@@ -68,10 +68,21 @@ def setup(plan: Plan, task: Task) -> Runtime:
         eval_loader = accelerator.prepare(eval_loader)
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     cast_dtype = model_dtype if plan.uses_deepspeed and model_dtype in (torch.bfloat16, torch.float16) else None
-    return Runtime(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=loader,
-                   eval_loader=eval_loader, forward=task.forward or default_forward, cast_dtype=cast_dtype,
-                   steps_per_epoch=per_epoch, total_steps=total_steps, trainable=trainable, fingerprint=fingerprint,
-                   distributed_type=accelerator.distributed_type.value)
+    return Runtime(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=loader,
+        eval_loader=eval_loader,
+        forward=task.forward or default_forward,
+        cast_dtype=cast_dtype,
+        steps_per_epoch=per_epoch,
+        total_steps=total_steps,
+        trainable=trainable,
+        fingerprint=fingerprint,
+        distributed_type=accelerator.distributed_type.value,
+    )
 
 
 def steps_per_epoch(samples: int, plan: Plan) -> int:
@@ -81,7 +92,8 @@ def steps_per_epoch(samples: int, plan: Plan) -> int:
         raise TrainingError(
             f"one optimizer step needs {plan.effective_batch} samples (micro-batch {plan.micro_batch} x accumulation "
             f"{plan.grad_accum} x {plan.procs} procs) but train_data has {samples}; lower --batch-size, "
-            "--grad-accum or --procs")
+            "--grad-accum or --procs"
+        )
     return steps
 
 
@@ -172,8 +184,10 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> str:
             child.forward = functools.partial(checkpointed, child.forward)
             wrapped += 1
     if wrapped == 0:
-        raise TrainingError("gradient checkpointing found no sub-module to checkpoint; "
-                            "drop --grad-ckpt or split the model into child modules")
+        raise TrainingError(
+            "gradient checkpointing found no sub-module to checkpoint; "
+            "drop --grad-ckpt or split the model into child modules"
+        )
     return f"{wrapped} child modules"
 
 
@@ -184,8 +198,12 @@ def apply_lora(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
     targets = list(c.lora_target_modules) if c.lora_target_modules else None
     task_type = None
     cls = type(model).__name__
-    kinds = (("ForTokenClassification", TaskType.TOKEN_CLS), ("ForSequenceClassification", TaskType.SEQ_CLS),
-             ("ForCausalLM", TaskType.CAUSAL_LM), ("ForSeq2SeqLM", TaskType.SEQ_2_SEQ_LM))
+    kinds = (
+        ("ForTokenClassification", TaskType.TOKEN_CLS),
+        ("ForSequenceClassification", TaskType.SEQ_CLS),
+        ("ForCausalLM", TaskType.CAUSAL_LM),
+        ("ForSeq2SeqLM", TaskType.SEQ_2_SEQ_LM),
+    )
     for suffix, kind in kinds:
         if cls.endswith(suffix):
             task_type = kind
@@ -194,16 +212,19 @@ def apply_lora(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
         targets = sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         if not targets:
             raise TrainingError("--lora found no nn.Linear layer to adapt; pass lora_target_modules=[...]")
-    config = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                        target_modules=targets, task_type=task_type)
+    config = LoraConfig(
+        r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets, task_type=task_type
+    )
     return get_peft_model(model, config)
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     """Names and shapes of every parameter: enough to tell another model's checkpoint apart."""
     shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "digest": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "digest": hashlib.sha256(shapes.encode()).hexdigest()[:16],
+    }
 
 
 def make_optimizer(params, plan: Plan):
@@ -234,10 +255,21 @@ def make_loaders(task: Task, plan: Plan):
     from torch.utils.data import DataLoader
 
     seed = plan.config.seed
-    loader = DataLoader(task.train_data, batch_size=plan.micro_batch, shuffle=True, collate_fn=task.collate_fn,
-                        drop_last=True, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        task.train_data,
+        batch_size=plan.micro_batch,
+        shuffle=True,
+        collate_fn=task.collate_fn,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     eval_loader = None
     if task.eval_data is not None:
-        eval_loader = DataLoader(task.eval_data, batch_size=plan.micro_batch, shuffle=False,
-                                 collate_fn=task.collate_fn, generator=torch.Generator().manual_seed(seed))
+        eval_loader = DataLoader(
+            task.eval_data,
+            batch_size=plan.micro_batch,
+            shuffle=False,
+            collate_fn=task.collate_fn,
+            generator=torch.Generator().manual_seed(seed),
+        )
     return loader, eval_loader

@@ -30,14 +30,29 @@ class TrainState:
     @classmethod
     def start(cls, plan: Plan, task_name: str, fingerprint: dict[str, Any]) -> TrainState:
         """Step 0 of a run under `plan`."""
-        return cls(step=0, procs=plan.procs, zero=plan.config.zero, micro_batch=plan.micro_batch,
-                   grad_accum=plan.grad_accum, history=[], task=task_name, model=fingerprint)
+        return cls(
+            step=0,
+            procs=plan.procs,
+            zero=plan.config.zero,
+            micro_batch=plan.micro_batch,
+            grad_accum=plan.grad_accum,
+            history=[],
+            task=task_name,
+            model=fingerprint,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
-        return cls(step=data["step"], procs=data.get("procs"), zero=data.get("zero"),
-                   micro_batch=data.get("micro_batch"), grad_accum=data.get("grad_accum"),
-                   history=data.get("history", []), task=data.get("task"), model=data.get("model"))
+        return cls(
+            step=data["step"],
+            procs=data.get("procs"),
+            zero=data.get("zero"),
+            micro_batch=data.get("micro_batch"),
+            grad_accum=data.get("grad_accum"),
+            history=data.get("history", []),
+            task=data.get("task"),
+            model=data.get("model"),
+        )

@@ -99,7 +99,9 @@ class ConsoleSink(Sink):
         """Device peak / capacity per rank, or host RSS when no rank has a device."""
         memory = self.record.memory
         if any(sample.capacity for sample in memory.values()):
-            return "mem " + " ".join(f"r{rank} {s.peak / GIB:.2f}/{s.capacity / GIB:.2f} GiB" for rank, s in memory.items())
+            return "mem " + " ".join(
+                f"r{rank} {s.peak / GIB:.2f}/{s.capacity / GIB:.2f} GiB" for rank, s in memory.items()
+            )
         return "rss " + " ".join(f"r{rank} {s.host_rss / GIB:.2f} GiB" for rank, s in memory.items())
 
     def close(self) -> None:

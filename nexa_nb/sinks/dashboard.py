@@ -100,7 +100,9 @@ class Dashboard(Sink, HasTraits):
             min=0, max=1, description="accumulation", style={"description_width": "initial"}
         )
         self.accumulation_view = widgets.HTML()
-        self._accumulation_row = widgets.HBox([self.accumulation, self.accumulation_view], layout=widgets.Layout(display="none"))
+        self._accumulation_row = widgets.HBox(
+            [self.accumulation, self.accumulation_view], layout=widgets.Layout(display="none")
+        )
         self.loss_view = widgets.HTML()
         self.scalars_view = widgets.HTML()
         self.memory_view = widgets.HTML()
@@ -233,8 +235,7 @@ class Dashboard(Sink, HasTraits):
             self.loss_view.value = loss_chart(record) + self._eval_html()
             lr_svg, grad_svg = scalar_charts(record)
             self.scalars_view.value = (
-                f"<div>{self._scalars_text()}</div>"
-                f'<div style="display:flex;flex-wrap:wrap">{lr_svg}{grad_svg}</div>'
+                f'<div>{self._scalars_text()}</div><div style="display:flex;flex-wrap:wrap">{lr_svg}{grad_svg}</div>'
             )
             self.memory_view.value = memory_chart(record.memory)
             self.status_view.value = self._status_html()
@@ -277,7 +278,7 @@ class Dashboard(Sink, HasTraits):
                 parts.append(f"{tokens:,.0f} tokens/s")
         return (
             f'<span class="nexa-progress" data-step="{record.step}" data-total="{record.total_steps}">'
-            f'{" · ".join(parts)}</span>'
+            f"{' · '.join(parts)}</span>"
         )
 
     def _scalars_text(self) -> str:
@@ -295,7 +296,8 @@ class Dashboard(Sink, HasTraits):
         last = self.record.last_eval
         if last is None:
             return ""
-        return f'<div class="nexa-eval" data-step="{last.step}">eval at step {last.step}: {escape(fmt_metrics(last.metrics))}</div>'
+        metrics = escape(fmt_metrics(last.metrics))
+        return f'<div class="nexa-eval" data-step="{last.step}">eval at step {last.step}: {metrics}</div>'
 
     def _status_html(self) -> str:
         record = self.record
@@ -309,7 +311,7 @@ class Dashboard(Sink, HasTraits):
         notes = record.notes[-NOTES_SHOWN:]
         if notes:
             items = "".join(
-                f'<li data-rank="{note.rank}">{"" if note.rank == 0 else f"rank {note.rank}: "}{escape(note.message)}</li>'
+                f'<li data-rank="{note.rank}">{f"rank {note.rank}: " if note.rank else ""}{escape(note.message)}</li>'
                 for note in notes
             )
             out += f'<ul class="nexa-notes">{items}</ul>'

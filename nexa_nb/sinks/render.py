@@ -29,8 +29,16 @@ from nexa_nb.events import (
 from nexa_nb.text import byte_unit, format_bytes, precision_label, strategy_label
 
 PALETTE = (  # matplotlib's "tab10": distinct hues that people already read as "rank 0, 1, ..."
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
 )
 MAX_POINTS = 600  # about one point per horizontal pixel of a chart; more adds bytes, not detail
 EVAL_LOSS_KEYS = ("eval_loss", "loss")  # the metric drawn on the loss chart, first one present
@@ -162,7 +170,7 @@ class RunRecord(Sink):
 
     @property
     def status(self) -> str:
-        """"waiting", "running", or the end status ("completed", "failed", "interrupted")."""
+        """ "waiting", "running", or the end status ("completed", "failed", "interrupted")."""
         if self.ended:
             return self.ended.status
         return "running" if self.started else "waiting"
@@ -272,9 +280,7 @@ def summary_text(record: RunRecord) -> str:
         text += f": {message}." if message else "."
     if record.last_eval:
         text += f" Last eval (step {record.last_eval.step}): {fmt_metrics(record.last_eval.metrics)}."
-    checkpoint = (ended and ended.checkpoint_dir) or (
-        record.last_checkpoint and record.last_checkpoint.path
-    )
+    checkpoint = (ended and ended.checkpoint_dir) or (record.last_checkpoint and record.last_checkpoint.path)
     if checkpoint:
         text += f" Checkpoint: {checkpoint}."
     return text
@@ -347,9 +353,7 @@ def line_chart(
     body = [f'<text x="{left}" y="14" font-weight="bold">{_esc(title)}</text>']
     legend_x = width - right
     for curve in reversed([curve for curve in curves if curve.label]):
-        body.append(
-            f'<text x="{legend_x}" y="14" text-anchor="end" fill="{curve.color}">{_esc(curve.label)}</text>'
-        )
+        body.append(f'<text x="{legend_x}" y="14" text-anchor="end" fill="{curve.color}">{_esc(curve.label)}</text>')
         legend_x -= 7 * len(curve.label) + 12  # rough width of 11 px sans-serif text
     for value in sorted({y0 + pad, (y0 + y1) / 2, y1 - pad}):  # a flat curve gets one label
         y = sy(value)
@@ -362,7 +366,9 @@ def line_chart(
         f'<text x="{width - right}" y="{height - 4}" text-anchor="end">{_tick(x1)}</text>'
     )
     if not ys:
-        body.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill-opacity="0.6">no data yet</text>')
+        body.append(
+            f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill-opacity="0.6">no data yet</text>'
+        )
     for curve, points in zip(curves, sampled):
         attrs = "".join(f' data-{name}="{_esc(value)}"' for name, value in curve.data)
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
@@ -397,8 +403,12 @@ def loss_chart(record: RunRecord, ink: str = LIVE_INK, background: str | None = 
     if len(record.eval_loss):
         curves.append(Curve(record.eval_loss, "nexa-eval-loss", ink, "eval", dots=True))
     return line_chart(
-        curves, title="loss", x_range=_x_range(record), css_class="nexa-loss-chart",
-        ink=ink, background=background,
+        curves,
+        title="loss",
+        x_range=_x_range(record),
+        css_class="nexa-loss-chart",
+        ink=ink,
+        background=background,
     )
 
 
@@ -406,12 +416,18 @@ def scalar_charts(record: RunRecord, ink: str = LIVE_INK, background: str | None
     """Learning rate and gradient norm of rank 0, each half as wide as the loss chart."""
     size = {"width": CHART_WIDTH // 2, "height": SMALL_HEIGHT, "ink": ink, "background": background}
     lr = line_chart(
-        [Curve(record.lr, "nexa-lr", PALETTE[0], "")], title="learning rate",
-        x_range=_x_range(record), css_class="nexa-lr-chart", **size,
+        [Curve(record.lr, "nexa-lr", PALETTE[0], "")],
+        title="learning rate",
+        x_range=_x_range(record),
+        css_class="nexa-lr-chart",
+        **size,
     )
     grad = line_chart(
-        [Curve(record.grad_norm, "nexa-grad-norm", PALETTE[0], "")], title="grad norm",
-        x_range=_x_range(record), css_class="nexa-grad-chart", **size,
+        [Curve(record.grad_norm, "nexa-grad-norm", PALETTE[0], "")],
+        title="grad norm",
+        x_range=_x_range(record),
+        css_class="nexa-grad-chart",
+        **size,
     )
     return lr, grad
 
@@ -420,9 +436,7 @@ def memory_height(ranks: int) -> int:
     return MEMORY_ROW * (max(ranks, 1) + 1)
 
 
-def memory_chart(
-    memory: dict[int, MemorySample], ink: str = LIVE_INK, background: str | None = None
-) -> str:
+def memory_chart(memory: dict[int, MemorySample], ink: str = LIVE_INK, background: str | None = None) -> str:
     """One row per rank (`g.nexa-memory-row[data-rank]`).
 
     With a device (capacity > 0) the bar is the device: reserved (light), allocated (solid)
@@ -431,9 +445,7 @@ def memory_chart(
     """
     margin, label_w, bar_w = 8, 50, 150  # "rank 15" fits in 50 px; the rest is for the numbers
     on_device = any(sample.capacity for sample in memory.values())
-    scale = max(
-        (sample.capacity if on_device else sample.host_rss for sample in memory.values()), default=0
-    ) or 1
+    scale = max((sample.capacity if on_device else sample.host_rss for sample in memory.values()), default=0) or 1
     unit, size = byte_unit(scale)
     bar_x = margin + label_w
     body = [f'<text x="{margin}" y="14" font-weight="bold">memory per rank</text>']
@@ -455,7 +467,8 @@ def memory_chart(
             parts += [
                 bar(y, rank, sample.reserved, 0.35),
                 bar(y, rank, sample.allocated, 0.9),
-                f'<line x1="{peak_x:.1f}" x2="{peak_x:.1f}" y1="{y + 2}" y2="{y + 18}" stroke="{ink}" stroke-width="2"/>',
+                f'<line x1="{peak_x:.1f}" x2="{peak_x:.1f}" y1="{y + 2}" y2="{y + 18}" '
+                f'stroke="{ink}" stroke-width="2"/>',
             ]
             detail = (
                 f"alloc {sample.allocated / size:.2f} · reserved {sample.reserved / size:.2f} · "
@@ -488,8 +501,10 @@ def run_svg(record: RunRecord) -> str:
     ]
     height = status_h + LOSS_HEIGHT + SMALL_HEIGHT + memory_height(len(memory))
     body = [
-        (f'<text class="nexa-status" data-status="{_esc(record.status)}" x="8" y="16" '
-         f'font-weight="bold">{_esc(status_text(record))}</text>')
+        (
+            f'<text class="nexa-status" data-status="{_esc(record.status)}" x="8" y="16" '
+            f'font-weight="bold">{_esc(status_text(record))}</text>'
+        )
     ]
     body += [f'<g transform="translate({x},{y})">{svg}</g>' for x, y, svg in blocks]
     return _svg(CHART_WIDTH, height, body, "nexa-run", STATIC_INK, "white")

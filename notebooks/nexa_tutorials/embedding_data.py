@@ -17,8 +17,8 @@ patterns and requirement wordings training never sees.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -49,8 +49,11 @@ VOLTAGE = Facet(
 )
 SURFACE = Facet(
     (
-        "roads, streets and alleys", "railroad tracks", "areas accessible to pedestrians only",
-        "water areas suitable for sailboating", "cultivated or grazed land",
+        "roads, streets and alleys",
+        "railroad tracks",
+        "areas accessible to pedestrians only",
+        "water areas suitable for sailboating",
+        "cultivated or grazed land",
         "residential driveways and parking lots",
     ),
     (
@@ -85,8 +88,13 @@ FIRE_ZONE = Facet(
 )
 POLE = Facet(
     ("30-35 ft", "36-40 ft", "41-50 ft", "51-60 ft", "61-75 ft"),
-    (_lengths(30, 35, "pole"), _lengths(36, 40, "pole"), _lengths(41, 50, "pole"),
-     _lengths(51, 60, "pole"), _lengths(61, 75, "pole")),
+    (
+        _lengths(30, 35, "pole"),
+        _lengths(36, 40, "pole"),
+        _lengths(41, 50, "pole"),
+        _lengths(51, 60, "pole"),
+        _lengths(61, 75, "pole"),
+    ),
 )
 SOIL = Facet(
     ("firm soil", "solid rock", "swampy or loose soil"),
@@ -147,9 +155,7 @@ class Topic:
         return self.clause.format(**words, value=self.value(*combo))
 
     def request_text(self, combo: tuple[int, ...], rng: np.random.Generator) -> str:
-        words = {
-            name: _choice(rng, f.request_words[i]) for (name, f), i in zip(self.facets.items(), combo)
-        }
+        words = {name: _choice(rng, f.request_words[i]) for (name, f), i in zip(self.facets.items(), combo)}
         return _choice(rng, self.requests).format(**words)
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ Pair = tuple[str, str]
 
 
 # --- model ------------------------------------------------------------------------------
+
 
 class MeanPoolEncoder(nn.Module):
     """A transformers encoder + mean pooling + L2 normalisation: one unit vector per text.
@@ -109,6 +110,7 @@ def load_tokenizer():
 
 # --- data -----------------------------------------------------------------------------
 
+
 class PairCollator:
     """A list of ``(requirement, clause)`` pairs -> one batch dict of tensors.
 
@@ -123,17 +125,27 @@ class PairCollator:
         self.max_length = max_length
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt", return_token_type_ids=False)
+        return self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
 
     def __call__(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
         queries = [q for q, _ in pairs]
         distinct: dict[str, int] = {}
         labels = [distinct.setdefault(clause, len(distinct)) for _, clause in pairs]
         q, d = self.tokenize(queries), self.tokenize(list(distinct))
-        return {"input_ids": q["input_ids"], "attention_mask": q["attention_mask"],
-                "doc_input_ids": d["input_ids"], "doc_attention_mask": d["attention_mask"],
-                "labels": torch.tensor(labels, dtype=torch.long)}
+        return {
+            "input_ids": q["input_ids"],
+            "attention_mask": q["attention_mask"],
+            "doc_input_ids": d["input_ids"],
+            "doc_attention_mask": d["attention_mask"],
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
 
 
 def pair_forward(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,8 +155,10 @@ def pair_forward(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 # --- loss -------------------------------------------------------------------------------
 
-def in_batch_negatives_loss(query: torch.Tensor, doc: torch.Tensor, labels: torch.Tensor | None = None,
-                            scale: float = 20.0) -> torch.Tensor:
+
+def in_batch_negatives_loss(
+    query: torch.Tensor, doc: torch.Tensor, labels: torch.Tensor | None = None, scale: float = 20.0
+) -> torch.Tensor:
     """MultipleNegativesRankingLoss: cross-entropy over ``scale`` x cos(query_i, doc_j).
 
     Row i's right answer is ``doc[labels[i]]`` (default: ``doc[i]``); every other row of
@@ -168,6 +182,7 @@ class MNRLoss:
 
 # --- metric -----------------------------------------------------------------------------
 
+
 def candidate_clauses(heldout: Sequence[Pair]) -> list[str]:
     """The held-out pairs' clauses (in pair order) followed by every other held-out clause."""
     own = [clause for _, clause in heldout]
@@ -187,7 +202,7 @@ def encode(model, collator: PairCollator, texts: Sequence[str], batch_size: int 
     chunks = []
     try:
         for start in range(0, len(texts), batch_size):
-            tokens = collator.tokenize(texts[start:start + batch_size])
+            tokens = collator.tokenize(texts[start : start + batch_size])
             chunks.append(model(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu())
     finally:
         model.train(was_training)
@@ -222,9 +237,17 @@ class RetrievalMetrics:
 
 # --- the task ---------------------------------------------------------------------------
 
-def make_task(train_pairs: Sequence[Pair], heldout_pairs: Sequence[Pair], *, max_length: int = 48,
-              scale: float = 20.0, freeze_embeddings: bool = False, tokenizer=None,
-              eval_batch_size: int = 64) -> Task:
+
+def make_task(
+    train_pairs: Sequence[Pair],
+    heldout_pairs: Sequence[Pair],
+    *,
+    max_length: int = 48,
+    scale: float = 20.0,
+    freeze_embeddings: bool = False,
+    tokenizer=None,
+    eval_batch_size: int = 64,
+) -> Task:
     """The retrieval fine-tuning task: MiniLM built in each worker, MNRL loss, accuracy@1.
 
     ``eval_data`` is the held-out pairs (the engine reports their in-batch loss as
@@ -244,6 +267,17 @@ def make_task(train_pairs: Sequence[Pair], heldout_pairs: Sequence[Pair], *, max
     )
 
 
-__all__ = ["MeanPoolEncoder", "build_encoder", "load_tokenizer", "PairCollator", "pair_forward",
-           "in_batch_negatives_loss", "MNRLoss", "candidate_clauses", "encode", "heldout_accuracy",
-           "RetrievalMetrics", "make_task"]
+__all__ = [
+    "MeanPoolEncoder",
+    "build_encoder",
+    "load_tokenizer",
+    "PairCollator",
+    "pair_forward",
+    "in_batch_negatives_loss",
+    "MNRLoss",
+    "candidate_clauses",
+    "encode",
+    "heldout_accuracy",
+    "RetrievalMetrics",
+    "make_task",
+]

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from nexa_tutorials.minilm import load_tokenizer, minilm_path
 from nexa_tutorials.ner_data import (
@@ -104,9 +105,10 @@ def predict_ids(model, encoded: list[dict], batch_size: int = 64) -> list[list[i
     try:
         with torch.no_grad():
             for start in range(0, len(encoded), batch_size):
-                batch = collate(encoded[start:start + batch_size])
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
+                batch = collate(encoded[start : start + batch_size])
+                logits = model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).logits
                 width = encoded[start]["input_ids"].shape[0]
                 ids = logits.argmax(dim=-1).cpu()
                 out += [row.tolist() + [0] * (width - len(row)) for row in ids]
@@ -160,8 +162,15 @@ def word_pool(tokenizer=None) -> list[str]:
     return sorted(w for w in tokenizer.get_vocab() if w.isascii() and w.isalpha() and len(w) >= 3)
 
 
-def swap_words(examples, entity_rate: float = 0.4, modifier_rate: float = 0.3, context_rate: float = 0.1,
-               seed: int = 0, types: Sequence[str] = SWAPPED_TYPES, pool: Sequence[str] | None = None) -> list[dict]:
+def swap_words(
+    examples,
+    entity_rate: float = 0.4,
+    modifier_rate: float = 0.3,
+    context_rate: float = 0.1,
+    seed: int = 0,
+    types: Sequence[str] = SWAPPED_TYPES,
+    pool: Sequence[str] | None = None,
+) -> list[dict]:
     """Training examples with some words replaced by random vocabulary words (augmentation).
 
     Each mention of a type in `types` is, with probability `entity_rate`, replaced by 1-3
@@ -219,8 +228,15 @@ def swap_words(examples, entity_rate: float = 0.4, modifier_rate: float = 0.3, c
     return out
 
 
-def ner_task(n_train: int = 3200, n_heldout: int = 300, seed: int = 0, max_length: int = 48,
-             entity_swap: float = 0.4, modifier_swap: float = 0.3, context_swap: float = 0.1) -> NerSetup:
+def ner_task(
+    n_train: int = 3200,
+    n_heldout: int = 300,
+    seed: int = 0,
+    max_length: int = 48,
+    entity_swap: float = 0.4,
+    modifier_swap: float = 0.3,
+    context_swap: float = 0.1,
+) -> NerSetup:
     """The tutorial's task, its tag names and its held-out examples.
 
     The held-out split uses sentence templates and entity values that training never sees
@@ -274,5 +290,18 @@ def bracketed(tokens: Sequence[str], tags: Sequence[str]) -> str:
     return " ".join(parts)
 
 
-__all__ = ["bracketed", "NerSetup", "ner_task", "swap_words", "word_pool", "build_model", "model_factory", "encode", "collate", "heldout_f1",
-           "predicted_word_tags", "predict_tags", "HeldoutF1"]
+__all__ = [
+    "bracketed",
+    "NerSetup",
+    "ner_task",
+    "swap_words",
+    "word_pool",
+    "build_model",
+    "model_factory",
+    "encode",
+    "collate",
+    "heldout_f1",
+    "predicted_word_tags",
+    "predict_tags",
+    "HeldoutF1",
+]

@@ -17,7 +17,7 @@ training split never uses, so its score measures generalisation rather than memo
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -60,15 +60,34 @@ def _digits(rng, low, high) -> str:
 
 _EQUIPMENT = _listed(
     [
-        "pad-mounted transformer", "step-down transformer", "recloser", "crossarm",
-        "sectionalizer", "fuse cutout", "capacitor bank", "guy anchor", "pole-top switch",
-        "gang-operated switch", "lightning arrester", "suspension insulator",
-        "line post insulator", "primary riser", "service drop",
+        "pad-mounted transformer",
+        "step-down transformer",
+        "recloser",
+        "crossarm",
+        "sectionalizer",
+        "fuse cutout",
+        "capacitor bank",
+        "guy anchor",
+        "pole-top switch",
+        "gang-operated switch",
+        "lightning arrester",
+        "suspension insulator",
+        "line post insulator",
+        "primary riser",
+        "service drop",
     ],
     [
-        "pole-mounted transformer", "voltage regulator", "vacuum recloser", "double crossarm",
-        "load-break switch", "surge arrester", "pin insulator", "dead-end insulator",
-        "down guy", "fault indicator", "secondary pedestal",
+        "pole-mounted transformer",
+        "voltage regulator",
+        "vacuum recloser",
+        "double crossarm",
+        "load-break switch",
+        "surge arrester",
+        "pin insulator",
+        "dead-end insulator",
+        "down guy",
+        "fault indicator",
+        "secondary pedestal",
     ],
 )
 _CONDUCTOR = _listed(
@@ -77,22 +96,42 @@ _CONDUCTOR = _listed(
 )
 _POLE_MATERIAL = _listed(
     [
-        "Douglas fir", "southern yellow pine", "galvanized steel", "ductile iron",
-        "prestressed concrete", "creosote-treated wood",
+        "Douglas fir",
+        "southern yellow pine",
+        "galvanized steel",
+        "ductile iron",
+        "prestressed concrete",
+        "creosote-treated wood",
     ],
     [
-        "western red cedar", "lodgepole pine", "weathering steel", "spun concrete",
-        "fiberglass composite", "penta-treated wood",
+        "western red cedar",
+        "lodgepole pine",
+        "weathering steel",
+        "spun concrete",
+        "fiberglass composite",
+        "penta-treated wood",
     ],
 )
 _ORG = _listed(
     [
-        "PG&E", "Caltrans", "SCE", "CAL FIRE", "AT&T", "Comcast", "SMUD",
-        "County Public Works", "Union Pacific",
+        "PG&E",
+        "Caltrans",
+        "SCE",
+        "CAL FIRE",
+        "AT&T",
+        "Comcast",
+        "SMUD",
+        "County Public Works",
+        "Union Pacific",
     ],
     [
-        "SDG&E", "PacifiCorp", "Verizon", "BNSF Railway", "Liberty Utilities",
-        "City Public Works", "Frontier Communications",
+        "SDG&E",
+        "PacifiCorp",
+        "Verizon",
+        "BNSF Railway",
+        "Liberty Utilities",
+        "City Public Works",
+        "Frontier Communications",
     ],
 )
 _SPEC_CODE = _shaped(
@@ -114,13 +153,21 @@ _LOCATION_CODES = _shaped(
 )
 _SUBSTATIONS = _listed(
     [
-        "Substation Elm Creek", "Substation Oak Ridge", "Substation Mill Valley",
-        "Substation Cedar Hill", "Substation Stony Point", "Substation Bay Meadows",
-        "Substation Las Lomas", "Substation Round Valley",
+        "Substation Elm Creek",
+        "Substation Oak Ridge",
+        "Substation Mill Valley",
+        "Substation Cedar Hill",
+        "Substation Stony Point",
+        "Substation Bay Meadows",
+        "Substation Las Lomas",
+        "Substation Round Valley",
     ],
     [
-        "Substation Pine Flat", "Substation Willow Pass", "Substation Granite Bay",
-        "Substation Fox Hollow", "Substation Del Monte",
+        "Substation Pine Flat",
+        "Substation Willow Pass",
+        "Substation Granite Bay",
+        "Substation Fox Hollow",
+        "Substation Del Monte",
     ],
 )
 
@@ -132,22 +179,38 @@ def _location(rng: np.random.Generator, heldout_split: bool) -> str:
 
 _LENGTH = _shaped(lambda r: f"{_digits(r, 3, 151)} ft", lambda r: f"{_digits(r, 2, 49)} in")
 _VOLTAGE = _shaped(
-    lambda r: _choice(
-        r, ["2.4", "4.16", "4.8", "7.2", "12", "12.47", "13.2", "13.8", "17.2", "21", "25",
-            "34.5", "44", "60", "69", "115", "138"]
-    ) + " kV"
+    lambda r: (
+        _choice(
+            r,
+            [
+                "2.4",
+                "4.16",
+                "4.8",
+                "7.2",
+                "12",
+                "12.47",
+                "13.2",
+                "13.8",
+                "17.2",
+                "21",
+                "25",
+                "34.5",
+                "44",
+                "60",
+                "69",
+                "115",
+                "138",
+            ],
+        )
+        + " kV"
+    )
 )
 _CURRENT = _shaped(lambda r: f"{int(r.integers(20, 2500)) * 10} A")
 _SIZE = _shaped(
-    lambda r: _choice(
-        r, ["266.8", "336.4", "397.5", "477", "556.5", "636", "795", "954", "1033.5", "1272"]
-    ) + " kcmil",
+    lambda r: _choice(r, ["266.8", "336.4", "397.5", "477", "556.5", "636", "795", "954", "1033.5", "1272"]) + " kcmil",
     lambda r: _choice(r, ["#6", "#4", "#2", "1/0", "2/0", "3/0", "4/0"]) + " AWG",
 )
-_KVA = _shaped(
-    lambda r: _choice(r, ["10", "15", "25", "37.5", "50", "75", "100", "167", "250", "333", "500"])
-    + " kVA"
-)
+_KVA = _shaped(lambda r: _choice(r, ["10", "15", "25", "37.5", "50", "75", "100", "167", "250", "333", "500"]) + " kVA")
 
 # Template slot -> (entity type, sampler). Measurement and material slots are typed so that
 # sentences stay plausible ("336.4 kcmil ACSR conductor", never "336.4 kcmil Douglas fir").
@@ -276,10 +339,7 @@ def sentence_template(example: dict) -> str:
 
 def template_skeleton(template: str) -> str:
     """A template with its typed slots ({CONDUCTOR}, {LENGTH}...) named by entity type."""
-    return " ".join(
-        "{" + _SLOTS[word[1:-1]][0] + "}" if word.startswith("{") else word
-        for word in template.split()
-    )
+    return " ".join("{" + _SLOTS[word[1:-1]][0] + "}" if word.startswith("{") else word for word in template.split())
 
 
 def split_overlap(train: list[dict], heldout: list[dict]) -> dict[str, set]:
@@ -289,8 +349,7 @@ def split_overlap(train: list[dict], heldout: list[dict]) -> dict[str, set]:
     score would partly measure memorisation.
     """
     return {
-        "templates": {sentence_template(ex) for ex in train}
-        & {sentence_template(ex) for ex in heldout},
+        "templates": {sentence_template(ex) for ex in train} & {sentence_template(ex) for ex in heldout},
         "entities": {m for ex in train for m in entity_mentions(ex)}
         & {m for ex in heldout for m in entity_mentions(ex)},
     }
@@ -319,9 +378,7 @@ def encode_for_token_classification(examples, tokenizer, label_names, max_length
         for word in enc.word_ids():
             labels.append(-100 if word is None or word == previous else label_ids[example["tags"][word]])
             previous = word
-        encoded.append(
-            {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-        )
+        encoded.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
     return encoded
 
 

@@ -54,7 +54,9 @@ def log_worker_output(path: str | os.PathLike | None = None) -> str:
     own output, and commands run with ``!`` or `subprocess`, are not affected.
     """
     global _log_path, _hook_installed
-    _log_path = os.path.abspath(path) if path is not None else os.path.join(tempfile.gettempdir(), "nexa_nb-workers.log")
+    _log_path = (
+        os.path.abspath(path) if path is not None else os.path.join(tempfile.gettempdir(), "nexa_nb-workers.log")
+    )
     if not _hook_installed:
         os.register_at_fork(after_in_child=_to_log_in_child)
         _hook_installed = True

@@ -48,8 +48,8 @@ IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
 """The COCO IoU thresholds: column 0 gives mAP50, the mean over all gives mAP50-95."""
 
 MISSING_MESSAGE = (
-    "the YOLO tutorial needs Ultralytics (AGPL-3.0): pip install \"nexa-nb[yolo]\" "
-    "(on a CPU-only machine add \"torch==2.13.0\" to the same command, or pip takes the CUDA torch)"
+    'the YOLO tutorial needs Ultralytics (AGPL-3.0): pip install "nexa-nb[yolo]" '
+    '(on a CPU-only machine add "torch==2.13.0" to the same command, or pip takes the CUDA torch)'
 )
 
 _OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False", "YOLO_VERBOSE": "False"}
@@ -80,6 +80,7 @@ def _ultralytics():
 
 
 # --- data -------------------------------------------------------------------------------
+
 
 class DetectionImages(torch.utils.data.Dataset):
     """``n`` synthetic scenes from `yolo_data.make_detection_set` (deterministic in ``seed``).
@@ -114,6 +115,7 @@ def collate(samples) -> dict[str, torch.Tensor]:
 
 
 # --- model and loss ---------------------------------------------------------------------
+
 
 def make_model(cfg: str = "yolov8n.yaml", nc: int = len(CLASS_NAMES), **gains: float):
     """YOLOv8n (3.0M parameters for nc=2) from the yaml inside the Ultralytics package.
@@ -159,6 +161,7 @@ def loss_items(outputs) -> dict[str, float]:
 
 
 # --- inference and mAP ------------------------------------------------------------------
+
 
 def predict(model, images: torch.Tensor, conf: float = 0.001, iou: float = 0.7, max_det: int = 100):
     """Detections per image after NMS: a list of (n, 6) tensors ``x1, y1, x2, y2, conf, cls``
@@ -206,12 +209,16 @@ def image_stats(detections: list[torch.Tensor], batch: dict[str, torch.Tensor]) 
         here = batch["batch_idx"].cpu() == i
         gt_cls = batch["cls"].cpu()[here].view(-1).float()
         gt_xyxy = xywh2xyxy(batch["bboxes"].cpu()[here].float() * scale)
-        records.append({
-            "tp": match_predictions(det, gt_cls, gt_xyxy),
-            "conf": det[:, 4].numpy(), "pred_cls": det[:, 5].numpy(),
-            "target_cls": gt_cls.numpy(), "target_img": np.unique(gt_cls.numpy()),
-            "im_name": f"image-{len(records)}",
-        })
+        records.append(
+            {
+                "tp": match_predictions(det, gt_cls, gt_xyxy),
+                "conf": det[:, 4].numpy(),
+                "pred_cls": det[:, 5].numpy(),
+                "target_cls": gt_cls.numpy(),
+                "target_img": np.unique(gt_cls.numpy()),
+                "im_name": f"image-{len(records)}",
+            }
+        )
     return records
 
 
@@ -246,7 +253,11 @@ def metrics(model, eval_batches) -> dict[str, float]:
     records = []
     for batch in eval_batches:
         records += image_stats(predict(model, batch["img"]), batch)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, records)
         records = [r for part in gathered for r in part]
@@ -278,14 +289,33 @@ def draw(ax, image, labels=None, detections=None, title: str | None = None) -> N
         ax.set_title(title, fontsize=9)
     if labels is not None:
         for cls, cx, cy, w, h in np.asarray(labels, dtype=np.float32).reshape(-1, 5):
-            ax.add_patch(Rectangle(((cx - w / 2) * size_x - 0.5, (cy - h / 2) * size_y - 0.5), w * size_x, h * size_y,
-                                   fill=False, linestyle="--", linewidth=1, edgecolor=COLOURS[int(cls)]))
+            ax.add_patch(
+                Rectangle(
+                    ((cx - w / 2) * size_x - 0.5, (cy - h / 2) * size_y - 0.5),
+                    w * size_x,
+                    h * size_y,
+                    fill=False,
+                    linestyle="--",
+                    linewidth=1,
+                    edgecolor=COLOURS[int(cls)],
+                )
+            )
     if detections is not None:
         for x1, y1, x2, y2, conf, cls in np.asarray(detections, dtype=np.float32).reshape(-1, 6):
-            ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linewidth=1.2,
-                                   edgecolor=COLOURS[int(cls)]))
-            ax.text(x1, y1 - 1, f"{CLASS_NAMES[int(cls)]} {conf:.2f}", color=COLOURS[int(cls)], fontsize=6,
-                    va="bottom", bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.5, "linewidth": 0})
+            ax.add_patch(
+                Rectangle(
+                    (x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linewidth=1.2, edgecolor=COLOURS[int(cls)]
+                )
+            )
+            ax.text(
+                x1,
+                y1 - 1,
+                f"{CLASS_NAMES[int(cls)]} {conf:.2f}",
+                color=COLOURS[int(cls)],
+                fontsize=6,
+                va="bottom",
+                bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.5, "linewidth": 0},
+            )
 
 
 def make_task(n_train: int = 512, n_eval: int = 128, size: int = 128, train_seed: int = 0, eval_seed: int = 1):
@@ -293,11 +323,34 @@ def make_task(n_train: int = 512, n_eval: int = 128, size: int = 128, train_seed
     mAP50 on ``n_eval`` held-out scenes (another seed) at the end of training."""
     from nexa_nb.task import Task
 
-    return Task(model=make_model, train_data=DetectionImages(n_train, train_seed, size),
-                eval_data=DetectionImages(n_eval, eval_seed, size), collate_fn=collate,
-                forward=forward, loss_fn=loss_fn, metrics=metrics, name="yolov8n-poles")
+    return Task(
+        model=make_model,
+        train_data=DetectionImages(n_train, train_seed, size),
+        eval_data=DetectionImages(n_eval, eval_seed, size),
+        collate_fn=collate,
+        forward=forward,
+        loss_fn=loss_fn,
+        metrics=metrics,
+        name="yolov8n-poles",
+    )
 
 
-__all__ = ["CLASS_NAMES", "HYP", "DetectionImages", "collate", "make_model", "forward", "loss_fn", "loss_items", "draw",
-           "predict", "match_predictions", "image_stats", "map_scores", "metrics", "evaluate", "make_task",
-           "ultralytics_available"]
+__all__ = [
+    "CLASS_NAMES",
+    "HYP",
+    "DetectionImages",
+    "collate",
+    "make_model",
+    "forward",
+    "loss_fn",
+    "loss_items",
+    "draw",
+    "predict",
+    "match_predictions",
+    "image_stats",
+    "map_scores",
+    "metrics",
+    "evaluate",
+    "make_task",
+    "ultralytics_available",
+]

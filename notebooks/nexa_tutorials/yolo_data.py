@@ -115,9 +115,14 @@ def _place_poles(rng, size, horizon) -> list[dict]:
             arm_y.append(arm_y[0] + round(height * rng.uniform(0.08, 0.15)))
         poles.append(
             {
-                "x0": cx - width // 2, "x1": cx - width // 2 + width, "top": top,
-                "bottom": min(bottom, size), "arm_y": arm_y[:n_arms], "arm_len": arm_len,
-                "arm_thick": max(2, round(width * rng.uniform(0.5, 0.8))), "extent": extent,
+                "x0": cx - width // 2,
+                "x1": cx - width // 2 + width,
+                "top": top,
+                "bottom": min(bottom, size),
+                "arm_y": arm_y[:n_arms],
+                "arm_len": arm_len,
+                "arm_thick": max(2, round(width * rng.uniform(0.5, 0.8))),
+                "extent": extent,
                 "cx": cx,
             }
         )

@@ -19,8 +19,12 @@ import psutil
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (apt-get install chromium)
 CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 KERNEL = "nexa-test"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -49,9 +53,15 @@ def write_kernelspec(jupyter_path: Path) -> str:
     """A kernelspec running this interpreter, found through JUPYTER_PATH=`jupyter_path`."""
     spec = jupyter_path / "kernels" / KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "nexa_nb test", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "nexa_nb test",
+                "language": "python",
+            }
+        )
+    )
     return KERNEL
 
 
@@ -100,15 +110,29 @@ class JupyterLab:
         notification = settings / "notification.jupyterlab-settings"
         notification.parent.mkdir(parents=True)
         notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-        env = dict(os.environ, JUPYTER_PATH=str(jupyter_path), JUPYTER_CONFIG_DIR=str(self.home / "config"),
-                   JUPYTER_DATA_DIR=str(self.home / "data"), JUPYTER_RUNTIME_DIR=str(self.home / "runtime"),
-                   IPYTHONDIR=str(self.home / "ipython"))
+        env = dict(
+            os.environ,
+            JUPYTER_PATH=str(jupyter_path),
+            JUPYTER_CONFIG_DIR=str(self.home / "config"),
+            JUPYTER_DATA_DIR=str(self.home / "data"),
+            JUPYTER_RUNTIME_DIR=str(self.home / "runtime"),
+            IPYTHONDIR=str(self.home / "ipython"),
+        )
         command = [
-            sys.executable, "-m", "jupyterlab", "--no-browser",
-            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={self.token}", "--ServerApp.password=", f"--ServerApp.root_dir={self.root}",
-            "--ServerApp.allow_root=True", "--ServerApp.terminals_enabled=False",
-            "--LabApp.extension_manager=readonly", "--LabApp.news_url=None",
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
+            "--ServerApp.password=",
+            f"--ServerApp.root_dir={self.root}",
+            "--ServerApp.allow_root=True",
+            "--ServerApp.terminals_enabled=False",
+            "--LabApp.extension_manager=readonly",
+            "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             f"--LabApp.workspaces_dir={self.home / 'workspaces'}",
             f"--LabApp.user_settings_dir={self.home / 'settings'}",
@@ -129,8 +153,9 @@ class JupyterLab:
         raise RuntimeError(f"jupyter lab did not answer in {timeout:.0f} s:\n{self.log_tail()}")
 
     def api(self, method: str, path: str):
-        request = urllib.request.Request(self.url + path, method=method,
-                                         headers={"Authorization": f"token {self.token}"})
+        request = urllib.request.Request(
+            self.url + path, method=method, headers={"Authorization": f"token {self.token}"}
+        )
         return urllib.request.urlopen(request, timeout=5)
 
     def log_tail(self, chars: int = 4000) -> str:
