@@ -170,6 +170,13 @@ def prepare(task: Task, cfg: TrainConfig) -> Plan:
             f"expected a nexa_nb.Task, got {type(task).__name__}; "
             "wrap your model and data: task = nexa_nb.Task(model, train_data)"
         )
+    if cfg.num_machines > 1:  # the launcher forks every process here: never world-size copies on one machine
+        raise ConfigError(
+            "num_machines",
+            f"a run from the notebook trains on this machine only, not on {cfg.num_machines}",
+            f"write a script with %nexa_export SCRIPT --num-machines {cfg.num_machines} and start it with "
+            "accelerate launch on each machine, or drop --num-machines",
+        )
     total, largest = _param_counts(task)
     plan = make_plan(cfg, total_params=total, largest_layer_params=largest)
     preflight(task, plan)

@@ -170,6 +170,43 @@ _SPEED_ORDER = (
 )
 
 
+def _check_budget(
+    device_bytes_available: int,
+    host_bytes_available: int,
+    headroom: float,
+    wanted_micro_batch: int,
+    activation_bytes_per_sample: int | None,
+) -> None:
+    """`recommend`'s memory figures, refused with the fix when they cannot be right."""
+    if device_bytes_available <= 0:
+        raise ValueError(
+            f"device_bytes_available must be positive, got {device_bytes_available}; "
+            "pass the memory of one training device in bytes"
+        )
+    if host_bytes_available < 0:
+        raise ValueError(
+            f"host_bytes_available must not be negative, got {host_bytes_available}; "
+            "pass the host memory of one node in bytes"
+        )
+    if not 0 < headroom <= 1:
+        raise ValueError(f"headroom must be in (0, 1], got {headroom}; pass 0.9 to keep 10% spare")
+    if wanted_micro_batch < 1:
+        raise ValueError(f"wanted_micro_batch must be at least 1, got {wanted_micro_batch}")
+    if activation_bytes_per_sample is not None and activation_bytes_per_sample < 0:
+        raise ValueError(
+            f"activation_bytes_per_sample must not be negative, got {activation_bytes_per_sample}; "
+            "pass None when it is not known"
+        )
+
+
+def _needs(row: StateMemory, activation_bytes_per_sample: int | None, micro_batch: int) -> str:
+    return (
+        f"{format_bytes(row.device_bytes)} of model states"
+        f"{_activations(activation_bytes_per_sample, micro_batch)} per device and "
+        f"{format_bytes(row.host_bytes)} of host memory"
+    )
+
+
 def recommend(
     total_params: int,
     largest_layer_params: int,
@@ -203,25 +240,9 @@ def recommend(
     memory cannot), with a reason that says by how much it misses.
     """
     _check_sizes(total_params, largest_layer_params, gpus_per_node, num_nodes)
-    if device_bytes_available <= 0:
-        raise ValueError(
-            f"device_bytes_available must be positive, got {device_bytes_available}; "
-            "pass the memory of one training device in bytes"
-        )
-    if host_bytes_available < 0:
-        raise ValueError(
-            f"host_bytes_available must not be negative, got {host_bytes_available}; "
-            "pass the host memory of one node in bytes"
-        )
-    if not 0 < headroom <= 1:
-        raise ValueError(f"headroom must be in (0, 1], got {headroom}; pass 0.9 to keep 10% spare")
-    if wanted_micro_batch < 1:
-        raise ValueError(f"wanted_micro_batch must be at least 1, got {wanted_micro_batch}")
-    if activation_bytes_per_sample is not None and activation_bytes_per_sample < 0:
-        raise ValueError(
-            f"activation_bytes_per_sample must not be negative, got {activation_bytes_per_sample}; "
-            "pass None when it is not known"
-        )
+    _check_budget(
+        device_bytes_available, host_bytes_available, headroom, wanted_micro_batch, activation_bytes_per_sample
+    )
 
     budget = int(headroom * device_bytes_available)
     usable = f"{format_bytes(budget)} usable ({headroom:.0%} of {format_bytes(device_bytes_available)})"
@@ -240,11 +261,7 @@ def recommend(
     ]
 
     def needs(row: StateMemory, micro_batch: int) -> str:
-        return (
-            f"{format_bytes(row.device_bytes)} of model states"
-            f"{_activations(activation_bytes_per_sample, micro_batch)} per device and "
-            f"{format_bytes(row.host_bytes)} of host memory"
-        )
+        return _needs(row, activation_bytes_per_sample, micro_batch)
 
     for i, row in enumerate(rows):
         micro_batch = _fitting_micro_batch(row.device_bytes, budget, activation_bytes_per_sample, wanted_micro_batch)

@@ -122,40 +122,10 @@ def make_plan(
             raise ConfigError(field_name, message + " (strict mode)", fix)
         notes.append(message)
 
-    # device
-    on_cuda = hw.has_cuda and not c.force_cpu
+    on_cuda = uses_cuda(c, hw)
     device = "cuda" if on_cuda else "cpu"
-    if on_cuda and c.procs > len(hw.gpus):
-        raise ConfigError(
-            "procs",
-            f"{c.procs} processes asked but this machine has {len(hw.gpus)} GPU(s)",
-            f"pass --procs {len(hw.gpus)} or fewer",
-        )
-    if not on_cuda and c.procs > max(hw.cpu_cores, 1) * 4:
-        raise ConfigError(
-            "procs",
-            f"{c.procs} CPU processes on {hw.cpu_cores} cores would thrash",
-            f"pass --procs {hw.cpu_cores} or fewer",
-        )
 
-    # precision
-    precision = c.precision
-    if precision == "fp16" and not on_cuda:
-        fallback(
-            "precision",
-            "fp16 needs a CUDA GPU; this run trains in bf16 on the CPU instead",
-            "pass --bf16 or --fp32, or run on a GPU",
-        )
-        precision = "bf16"
-    elif precision == "bf16" and on_cuda and not hw.bf16_gpu:
-        fallback("precision", "this GPU has no fast bf16; this run trains in fp16 instead", "pass --fp16 or --fp32")
-        precision = "fp16"
-
-    # FSDP
-    if c.fsdp and not on_cuda:
-        raise ConfigError(
-            "fsdp", "FSDP needs CUDA GPUs and none is available", "use --zero 3 for sharding on the CPU, or run on GPUs"
-        )
+    precision = precision_that_runs(c, hw, on_cuda, fallback)
 
     # batch arithmetic
     world = c.procs * c.num_machines
@@ -168,15 +138,7 @@ def make_plan(
             f"lr scaled {c.lr_scaling} from {c.lr:g} (tuned for batch {reference}) to {lr:g} for batch {effective}"
         )
 
-    # what Accelerate will report
-    if c.zero is not None:
-        distributed_type = "DEEPSPEED"
-    elif c.fsdp:
-        distributed_type = "FSDP"
-    elif world > 1:
-        distributed_type = "MULTI_GPU" if on_cuda else "MULTI_CPU"
-    else:
-        distributed_type = "NO"
+    distributed_type = reported_distributed_type(c, world, on_cuda)
 
     accelerator_kwargs: dict[str, Any] = {
         "mixed_precision": precision,
@@ -195,13 +157,7 @@ def make_plan(
         else None
     )
 
-    worker_env = {"ACCELERATE_USE_DEEPSPEED": "true" if ds_config else "false", "ACCELERATE_MIXED_PRECISION": precision}
-    if c.fsdp:
-        worker_env["ACCELERATE_USE_FSDP"] = "true"
-    if not on_cuda:
-        worker_env["CUDA_VISIBLE_DEVICES"] = ""
-        worker_env["DS_ACCELERATOR"] = "cpu"  # said, not guessed: DeepSpeed warns when it has to guess
-        worker_env["OMP_NUM_THREADS"] = str(cpu_threads_per_process(c.procs, hw.cpu_cores))
+    worker_env = worker_environment(c, hw, on_cuda, precision, uses_deepspeed=ds_config is not None)
     if on_cuda and c.offload_optimizer != "none" and c.zero is not None:
         notes.append("optimizer offload uses DeepSpeedCPUAdam, compiled on first use (about a minute), cached after")
 
@@ -226,6 +182,68 @@ def make_plan(
         total_params=total_params,
         largest_layer_params=largest_layer_params,
     )
+
+
+def uses_cuda(c: TrainConfig, hw: Hardware) -> bool:
+    """Whether the workers train on CUDA GPUs; refuses process counts and FSDP the machine cannot hold."""
+    on_cuda = hw.has_cuda and not c.force_cpu
+    if on_cuda and c.procs > len(hw.gpus):
+        raise ConfigError(
+            "procs",
+            f"{c.procs} processes asked but this machine has {len(hw.gpus)} GPU(s)",
+            f"pass --procs {len(hw.gpus)} or fewer",
+        )
+    if not on_cuda and c.procs > max(hw.cpu_cores, 1) * 4:
+        raise ConfigError(
+            "procs",
+            f"{c.procs} CPU processes on {hw.cpu_cores} cores would thrash",
+            f"pass --procs {hw.cpu_cores} or fewer",
+        )
+    if c.fsdp and not on_cuda:
+        raise ConfigError(
+            "fsdp", "FSDP needs CUDA GPUs and none is available", "use --zero 3 for sharding on the CPU, or run on GPUs"
+        )
+    return on_cuda
+
+
+def precision_that_runs(c: TrainConfig, hw: Hardware, on_cuda: bool, fallback) -> str:
+    """The precision asked for, or the one this hardware runs instead (through `fallback`, which notes it)."""
+    if c.precision == "fp16" and not on_cuda:
+        fallback(
+            "precision",
+            "fp16 needs a CUDA GPU; this run trains in bf16 on the CPU instead",
+            "pass --bf16 or --fp32, or run on a GPU",
+        )
+        return "bf16"
+    if c.precision == "bf16" and on_cuda and not hw.bf16_gpu:
+        fallback("precision", "this GPU has no fast bf16; this run trains in fp16 instead", "pass --fp16 or --fp32")
+        return "fp16"
+    return c.precision
+
+
+def reported_distributed_type(c: TrainConfig, world: int, on_cuda: bool) -> str:
+    """What Accelerate will report: the engine refuses to train when it reports something else."""
+    if c.zero is not None:
+        return "DEEPSPEED"
+    if c.fsdp:
+        return "FSDP"
+    if world > 1:
+        return "MULTI_GPU" if on_cuda else "MULTI_CPU"
+    return "NO"
+
+
+def worker_environment(
+    c: TrainConfig, hw: Hardware, on_cuda: bool, precision: str, *, uses_deepspeed: bool
+) -> dict[str, str]:
+    """The variables every worker sets before Accelerate starts."""
+    env = {"ACCELERATE_USE_DEEPSPEED": "true" if uses_deepspeed else "false", "ACCELERATE_MIXED_PRECISION": precision}
+    if c.fsdp:
+        env["ACCELERATE_USE_FSDP"] = "true"
+    if not on_cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["DS_ACCELERATOR"] = "cpu"  # said, not guessed: DeepSpeed warns when it has to guess
+        env["OMP_NUM_THREADS"] = str(cpu_threads_per_process(c.procs, hw.cpu_cores))
+    return env
 
 
 def model_state_rows(

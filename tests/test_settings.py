@@ -168,3 +168,11 @@ def test_train_with_the_offload_keyword_runs_deepspeed_in_two_processes(offload)
     assert result.plan.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert result.plan.deepspeed_config["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert result.losses[-1] < result.losses[0]
+
+
+def test_several_machines_are_refused_for_a_run_from_the_notebook():
+    """The launcher forks every process on this machine: two machines' worth of processes here would
+    train as a different world than the user asked for."""
+    with pytest.raises(ConfigError, match="trains on this machine only") as info:
+        nexa_nb.train(regression_task(), num_machines=2, procs=1, max_steps=1)
+    assert info.value.field == "num_machines" and "%nexa_export" in info.value.fix
