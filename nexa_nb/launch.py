@@ -35,6 +35,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -209,9 +210,7 @@ def _worker(plan: Plan, task: Task, queue, log_dir: str, all_forked) -> None:
             import torch
 
             torch.set_num_threads(int(plan.worker_env["OMP_NUM_THREADS"]))
-        # DeepSpeed calls torch.distributed functions that torch has deprecated; the warning
-        # (once per rank, with a file path) is for DeepSpeed's authors, not for the user.
-        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        quiet_libraries(rank)
         outcome = run(plan, task, emit)
         emit.flush()
         if rank == 0:
@@ -256,18 +255,22 @@ class EventBatcher:
         self.last_sent = time.monotonic()
 
 
-class _WithoutLaunchBanner:
-    """sys.stdout without notebook_launcher's "Launching training on N CUDAs." (said even on a CPU host).
+class WithoutLines:
+    """A stream without the lines that match `pattern`; everything else passes through.
 
-    Everything else, including what workers print, passes through.
+    In the kernel it drops notebook_launcher's "Launching training on N CUDAs." (said even on
+    a CPU host); in a worker, the banners DeepSpeed prints each time it loads a compiled op
+    ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully", once per rank
+    and run). What the task itself prints is not touched.
     """
 
-    def __init__(self, stream):
+    def __init__(self, stream, pattern: str):
         self.stream = stream
+        self.pattern = re.compile(pattern)
         self.dropping = False
 
     def write(self, text: str) -> int:
-        if text.startswith("Launching training on"):
+        if self.pattern.match(text):
             self.dropping = True  # print() writes the newline separately
             return len(text)
         if self.dropping and text == "\n":
@@ -278,6 +281,30 @@ class _WithoutLaunchBanner:
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
+
+
+LAUNCH_BANNER = r"Launching training on"
+LIBRARY_BANNERS = r"DeepSpeed \S+ built successfully"
+
+
+def quiet_libraries(rank: int) -> None:
+    """Keep out of the cell what the libraries say to no notebook user, and say the rest once.
+
+    Warnings show on rank 0 only: every rank runs the same code and would repeat them. Some
+    say nothing to the user at all: DeepSpeed calls torch.distributed functions that torch
+    has deprecated, and peft or accelerate ask transformers' deprecated
+    ``is_gradient_checkpointing``; those are for the libraries' authors. transformers'
+    "Loading weights" progress bars, one per rank while a factory loads a checkpoint, go too.
+    """
+    if rank > 0:
+        warnings.simplefilter("ignore")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
+    sys.stdout = WithoutLines(sys.stdout, LIBRARY_BANNERS)
+    if "transformers" in sys.modules:  # imported by the kernel, so a task that uses it: not imported for others
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 class _Drain:
@@ -371,7 +398,7 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
                 if plan.procs == 1:
                     _fork_one(_worker, args, port)
                 else:
-                    with redirect_stdout(_WithoutLaunchBanner(sys.stdout)):
+                    with redirect_stdout(WithoutLines(sys.stdout, LAUNCH_BANNER)):
                         notebook_launcher(
                             _worker, args=args, num_processes=plan.procs, use_port=str(port), master_addr="127.0.0.1"
                         )

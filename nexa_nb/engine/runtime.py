@@ -166,7 +166,15 @@ def build_model(task: Task, plan: Plan) -> torch.nn.Module:
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> str:
-    """Transformers models use their own switch; any other module checkpoints each child."""
+    """Transformers models use their own switch; any other module checkpoints each child.
+
+    transformers 5 renamed the switch ``activation_checkpointing_enable`` and warns, on every
+    rank, when the old name is called; the old name serves older releases.
+    """
+    if getattr(model, "supports_gradient_checkpointing", False) and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return "transformers"
     if hasattr(model, "gradient_checkpointing_enable") and getattr(model, "supports_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "config"):
@@ -192,6 +200,12 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> str:
 
 
 def apply_lora(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+    """The model with LoRA adapters (peft), told what peft would otherwise guess and warn about.
+
+    GPT-2-style models keep their projections in transformers' ``Conv1D``, whose weight is
+    stored (in, out): peft needs ``fan_in_fan_out=True`` for them, and warns on every rank
+    when it has to set it itself.
+    """
     from peft import LoraConfig, TaskType, get_peft_model
 
     c = plan.config
@@ -202,6 +216,7 @@ def apply_lora(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
         ("ForTokenClassification", TaskType.TOKEN_CLS),
         ("ForSequenceClassification", TaskType.SEQ_CLS),
         ("ForCausalLM", TaskType.CAUSAL_LM),
+        ("LMHeadModel", TaskType.CAUSAL_LM),
         ("ForSeq2SeqLM", TaskType.SEQ_2_SEQ_LM),
     )
     for suffix, kind in kinds:
@@ -213,7 +228,12 @@ def apply_lora(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
         if not targets:
             raise TrainingError("--lora found no nn.Linear layer to adapt; pass lora_target_modules=[...]")
     config = LoraConfig(
-        r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets, task_type=task_type
+        r=c.lora_r,
+        lora_alpha=c.lora_alpha,
+        lora_dropout=c.lora_dropout,
+        target_modules=targets,
+        task_type=task_type,
+        fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()),
     )
     return get_peft_model(model, config)
 
