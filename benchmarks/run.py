@@ -162,10 +162,12 @@ class Runs:
         import nexa_nb
 
         clock = self._clock(opts, "nexa")
-        result = nexa_nb.train(mlp_task(shape, samples_for(opts), forward=clock), sinks=list(sinks), **opts)
+        model_dir = self.work / f"{clock.label}-model"  # written after the timed steps
+        task = mlp_task(shape, samples_for(opts), forward=clock)
+        result = nexa_nb.train(task, sinks=list(sinks), output_dir=str(model_dir), **opts)
         if result.status != "completed" or len(result.history) != opts["max_steps"]:
             raise RuntimeError(f"nexa_nb run did not complete: {result!r}")
-        return self._timed(clock, opts, steps, result.state_dict)
+        return self._timed(clock, opts, steps, result.trained_model().state_dict())
 
     def hand(self, shape: MlpShape, opts: dict, steps: Steps, sync_every_micro_step: bool = False) -> Timed:
         clock = self._clock(opts, "hand")

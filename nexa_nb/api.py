@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from nexa_nb.config import ConfigError, TrainConfig, resolve_config
 from nexa_nb.errors import TrainingError
 from nexa_nb.events import Note
-from nexa_nb.plan import Plan, make_plan
+from nexa_nb.plan import Plan, make_plan, resolve_output_dir
 from nexa_nb.task import Task
 
 
@@ -26,8 +27,8 @@ class TrainResult:
     status: str = "completed"
     """"completed" or "interrupted"."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
-    state_dict: dict | None = field(default=None, repr=False)
-    """The final weights on CPU (LoRA merged into the base model)."""
+    model_dir: str | None = None
+    """The folder the workers wrote the trained model into (the plan's output_dir); None unless completed."""
     task: Task | None = field(default=None, repr=False)
     message: str = ""
 
@@ -50,7 +51,7 @@ class TrainResult:
             num_processes=outcome.num_processes,
             status=outcome.status,
             eval_metrics=outcome.eval_metrics,
-            state_dict=outcome.state_dict,
+            model_dir=outcome.model_dir,
             task=task,
             message=outcome.message,
         )
@@ -59,17 +60,18 @@ class TrainResult:
     def losses(self) -> list[float]:
         return [h["loss"] for h in self.history]
 
-    def trained_model(self):
-        """A fresh model from the task's factory (or a copy of its module) with the final weights."""
-        import copy
+    def trained_model(self, *, merge: bool = True):
+        """The trained model, loaded in this kernel from `model_dir`, on the CPU.
 
-        if self.state_dict is None or self.task is None:
-            raise TrainingError("this result holds no final weights (the run did not complete)")
-        model = self.task.build_model()
-        if not self.task.model_is_factory():
-            model = copy.deepcopy(model)
-        model.load_state_dict(self.state_dict)
-        return model
+        A model of the task's (a fresh one from its factory, or a copy of its module) with the
+        final weights; a transformers model through its class's ``from_pretrained``. LoRA adapters
+        come merged into the base model, or with ``merge=False`` as the ``PeftModel``.
+        """
+        from nexa_nb.engine.final_model import load_model
+
+        if self.model_dir is None or self.task is None:
+            raise TrainingError(f"this result holds no trained model (the run is {self.status}, not completed)")
+        return load_model(self.model_dir, self.task, merge=merge)
 
 
 _last: TrainResult | None = None
@@ -150,7 +152,7 @@ def smaller_micro_batch(plan: Plan, rank: int | None, resume: str | None) -> Pla
         f"accumulation {smaller.grad_accum} (effective batch {smaller.effective_batch}, unchanged)"
         f"{', from ' + resume if resume else ''}"
     )
-    return replace(smaller, notes=(*plan.notes, note))
+    return replace(smaller, notes=(*plan.notes, note), output_dir=plan.output_dir)
 
 
 def _checkpoints(plan: Plan) -> set[str]:
@@ -178,7 +180,9 @@ def prepare(task: Task, cfg: TrainConfig) -> Plan:
             "accelerate launch on each machine, or drop --num-machines",
         )
     total, largest = _param_counts(task)
-    plan = make_plan(cfg, total_params=total, largest_layer_params=largest)
+    plan = replace(
+        make_plan(cfg, total_params=total, largest_layer_params=largest), output_dir=resolve_output_dir(cfg, task.name)
+    )
     preflight(task, plan)
     return plan
 
@@ -216,15 +220,19 @@ def preflight(task: Task, plan: Plan) -> None:
     batch = _first_batch(task, plan.micro_batch)
     if task.eval_data is not None and not (hasattr(task.eval_data, "__len__") and len(task.eval_data) > 0):
         raise TrainingError("eval_data is empty or has no length; pass a non-empty dataset or None")
+    _check_scoring(task)
     if isinstance(task.model, nn.Module):
         _check_forward(task, batch)
     if plan.config.resume:
         _check_resume(plan)
+    _check_outputs(task, plan)
 
 
 def _first_batch(task: Task, size: int):
-    import torch
+    """The first batch as the workers will build it, refused here when the default forward cannot take it."""
     from torch.utils.data import default_collate
+
+    from nexa_nb.engine.batches import batch_problem
 
     try:
         samples = [task.train_data[i] for i in range(size)]
@@ -238,25 +246,52 @@ def _first_batch(task: Task, size: int):
     except Exception as exc:
         raise TrainingError(
             f"collating {size} samples failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"samples are {type(samples[0]).__name__}: return tensors, numbers, or dicts/tuples of them, "
-            "or pass Task(collate_fn=...)"
+            f"samples are {type(samples[0]).__name__}{_text_fields(samples[0])}: return tensors, numbers, or "
+            "dicts/tuples/dataclasses of them, or pass Task(collate_fn=...)"
         ) from None
-
-    def ok(x) -> bool:
-        if isinstance(x, torch.Tensor):
-            return True
-        if isinstance(x, Mapping):
-            return len(x) > 0 and all(ok(v) for v in x.values())
-        if isinstance(x, (list, tuple)):
-            return len(x) > 0 and all(ok(v) for v in x)
-        return False
-
-    if not ok(batch):
+    problem = None if task.forward is not None else batch_problem(batch)  # a forward of the user's takes any batch
+    if problem:
         raise TrainingError(
-            f"a batch must be a tensor or a dict/tuple of tensors, but the collate step gave "
-            f"{type(batch).__name__}; return tensors from the dataset or pass Task(collate_fn=...)"
+            "a batch must be a tensor or a dict/tuple of tensors (or a dataclass of them; numbers and None may sit "
+            f"beside them), but {problem}; return tensors from the dataset (without text fields), "
+            "pass Task(collate_fn=...) that builds them, or pass Task(forward=...) that takes the batch as it is"
         )
     return batch
+
+
+def _text_fields(sample) -> str:
+    """Which fields of a dict sample hold text: a column a tokenizing collator or default_collate cannot pad."""
+    names = [k for k, v in sample.items() if isinstance(v, str)] if isinstance(sample, Mapping) else []
+    if not names:
+        return ""
+    return f" with text in {', '.join(map(repr, names))} (drop it, e.g. dataset.remove_columns({names!r}))"
+
+
+def _check_scoring(task: Task) -> None:
+    """`predict` and `score` come together, and score eval data."""
+    if (task.predict is None) != (task.score is None):
+        raise TrainingError(
+            "Task(predict=...) and Task(score=...) go together: predict gives per-sample tensors of each eval "
+            "batch, score turns the whole eval set's into numbers; pass both, or neither"
+        )
+    if task.score is not None and task.eval_data is None:
+        raise TrainingError("Task(score=...) scores eval_data, and the task has none; pass eval_data=...")
+
+
+def _check_predictions(predictions) -> None:
+    import torch
+
+    if not isinstance(predictions, Mapping) or not predictions:
+        raise TrainingError(
+            f"Task.predict returned {type(predictions).__name__}; return a dict of per-sample tensors, "
+            "e.g. {'prediction': outputs.logits.argmax(-1), 'label': batch['labels']}"
+        )
+    for name, value in predictions.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            raise TrainingError(
+                f"Task.predict's {name!r} is {type(value).__name__}, not a tensor with one row per sample; "
+                "return tensors whose first dimension is the batch"
+            )
 
 
 def _check_forward(task: Task, batch) -> None:
@@ -271,6 +306,8 @@ def _check_forward(task: Task, batch) -> None:
         with torch.no_grad():
             outputs = (task.forward or default_forward)(model, batch)
             extract_loss(outputs, batch, task.loss_fn)
+            if task.predict is not None:
+                _check_predictions(task.predict(outputs, batch))
     except TrainingError:
         raise
     except torch.OutOfMemoryError:
@@ -283,6 +320,30 @@ def _check_forward(task: Task, batch) -> None:
         ) from None
     finally:
         model.train(was_training)
+
+
+def _check_outputs(task: Task, plan: Plan) -> None:
+    """What the workers will write at the end (the model, the tokenizer) can be written: known before they start."""
+    from nexa_nb.engine.final_model import is_model_folder
+
+    tokenizer = task.tokenizer
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TrainingError(
+            f"Task.tokenizer is a {type(tokenizer).__name__}, which has no save_pretrained to write it beside "
+            "the model; pass a transformers tokenizer (or processor), or leave tokenizer out"
+        )
+    c = plan.config
+    if c.merge_lora and (c.zero == 3 or c.fsdp) and not task.model_is_factory():
+        raise TrainingError(
+            "--merge-lora with sharded weights (ZeRO-3, FSDP) rebuilds the base model from the task's factory, "
+            "but Task.model is a module; pass a function that builds the model (Task(make_model, ...))"
+        )
+    out = Path(plan.output_dir)
+    if out.is_dir() and any(out.iterdir()) and not is_model_folder(out):
+        raise TrainingError(
+            f"output_dir {plan.output_dir!r} holds other files, which the trained model would replace; "
+            "pass an empty or new folder to --output-dir (output_dir=...)"
+        )
 
 
 def _check_resume(plan: Plan) -> None:

@@ -482,7 +482,11 @@ def validate(cfg: TrainConfig) -> None:
             "pass only one of --grad-accum and --target-batch",
         )
 
-    # checkpoints
+    _check_folders(cfg, need)
+
+
+def _check_folders(cfg: TrainConfig, need) -> None:
+    """The rules on checkpoints and the trained model's folder; `need` raises as `validate`'s does."""
     need(
         cfg.ckpt_every is None or cfg.ckpt_dir is not None,
         "ckpt_every",
@@ -504,6 +508,15 @@ def validate(cfg: TrainConfig) -> None:
             f"checkpoint {cfg.resume!r} does not exist",
             "pass a folder written by a previous run (ckpt_dir/step-0000010), or 'latest'",
         )
+    # the trained model
+    need(
+        not cfg.merge_lora or cfg.lora,
+        "merge_lora",
+        "merging LoRA adapters needs LoRA training",
+        "pass --lora as well, or drop --merge-lora",
+    )
+    if cfg.output_dir is not None:
+        _check_writable_dir(cfg.output_dir, "output_dir", "--output-dir")
 
 
 def _layer_rank(source: str) -> int:

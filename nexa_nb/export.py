@@ -4,7 +4,8 @@
 
 * the script: it loads the task, takes the resolved config values, re-plans for the world
   that ``accelerate launch`` started, and calls `nexa_nb.engine.run`, the loop the notebook
-  uses, so that the same task and seed give the same losses;
+  uses, so that the same task and seed give the same losses; its rank 0 writes the trained
+  model into the output folder decided at export (``plan.resolve_output_dir``) and prints where;
 * an accelerate config YAML (`accelerate_yaml`);
 * when some of the task cannot be imported, ``<script>.task.pkl``: those parts, by value.
 
@@ -51,7 +52,7 @@ import cloudpickle
 
 from nexa_nb.config import ConfigError, TrainConfig
 from nexa_nb.errors import TrainingError
-from nexa_nb.plan import Plan, make_plan
+from nexa_nb.plan import Plan, make_plan, resolve_output_dir
 from nexa_nb.task import Task
 
 
@@ -364,6 +365,7 @@ from nexa_nb.plan import make_plan
 from nexa_nb.sinks.console import ConsoleSink
 
 # The notebook's resolved options; procs and num_machines are replaced by what was launched.
+# output_dir was decided at export, so that every rank of every machine names the same folder.
 CONFIG = $config
 
 
@@ -389,8 +391,11 @@ def main():
     outcome = engine.run(plan, task, sink.handle if rank == 0 else lambda event: None)
     if rank == 0 and args.history_out:
         result = {"final_loss": outcome.final_loss, "distributed_type": outcome.distributed_type,
-                  "num_processes": outcome.num_processes, "history": outcome.history}
+                  "num_processes": outcome.num_processes, "history": outcome.history,
+                  "model_dir": outcome.model_dir}
         Path(args.history_out).write_text(json.dumps(result, indent=1))
+    if rank == 0 and outcome.model_dir:
+        print(f"trained model written to {outcome.model_dir}", flush=True)
     if outcome.status != "completed":
         raise SystemExit(f"training {outcome.status}: {outcome.message}")
 
@@ -444,6 +449,7 @@ def _script(
         f"Python {platform.python_version()})"
     )
     values = config.as_dict()
+    values["output_dir"] = resolve_output_dir(config, task.name)
     if config.target_batch is not None:
         del values["grad_accum"]  # derived from target_batch for the world the script runs in
     config_literal = pprint.pformat(values, sort_dicts=False, width=100)

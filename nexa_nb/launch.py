@@ -68,10 +68,10 @@ class WorkerFailed:
 
 @dataclass(frozen=True)
 class WorkerDone:
-    """Rank 0's outcome, pickled by the worker itself.
+    """Rank 0's outcome, pickled by the worker itself: a few numbers and names, never weights.
 
-    Tensors put on a multiprocessing queue travel as shared-memory handles that die with
-    the sending process; plain pickling copies the final weights into the message.
+    The final weights stay out of the kernel: rank 0 writes them to the plan's output_dir
+    (`nexa_nb.engine.final_model`), and the outcome names that folder.
     """
 
     payload: bytes

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from nexa_nb.config import ConfigError, TrainConfig
@@ -45,6 +48,8 @@ class Plan:
     recommendation: Any = None
     total_params: int | None = None
     largest_layer_params: int | None = None
+    output_dir: str | None = None
+    """Where the workers write the trained model (`resolve_output_dir`); None writes nothing."""
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -94,6 +99,25 @@ def scale_lr(lr: float, rule: str, effective_batch: int, reference_batch: int) -
     if rule == "sqrt":
         return lr * math.sqrt(ratio)
     return lr
+
+
+def resolve_output_dir(config: TrainConfig, task_name: str, now: datetime | None = None) -> str:
+    """The folder a run writes its trained model into, decided once, in the kernel, before workers start.
+
+    --output-dir when given; else ``<ckpt_dir>/final``; else a new ``nexa_runs/<task>-<UTC time>/model``
+    (a suffix keeps two runs started in the same second apart).
+    """
+    if config.output_dir is not None:
+        return config.output_dir
+    if config.ckpt_dir is not None:
+        return str(Path(config.ckpt_dir) / "final")
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    run = Path("nexa_runs") / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', task_name) or 'task'}-{stamp}"
+    unique, n = run, 1
+    while unique.exists():
+        n += 1
+        unique = run.with_name(f"{run.name}-{n}")
+    return str(unique / "model")
 
 
 def cpu_threads_per_process(procs: int, cores: int) -> int:
@@ -181,6 +205,7 @@ def make_plan(
         recommendation=recommendation,
         total_params=total_params,
         largest_layer_params=largest_layer_params,
+        output_dir=c.output_dir,
     )
 
 

@@ -498,6 +498,22 @@ class TrainConfig:
         label="tracker folder",
         placeholder="the checkpoint folder, else nexa_runs",
     )
+    output_dir: str | None = setting(
+        None,
+        "folder the workers write the trained model into when the run completes (safetensors; a "
+        "transformers model as save_pretrained does, LoRA as a peft adapter); default: --ckpt-dir/final, "
+        "else nexa_runs/TASK-YYYYmmdd-HHMMSS/model (UTC)",
+        "checkpoints and logging",
+        metavar="PATH",
+        label="model folder",
+        placeholder="ckpt folder/final, else nexa_runs",
+    )
+    merge_lora: bool = setting(
+        False,
+        "with --lora, also write the base model with the adapters merged in, into OUTPUT_DIR/merged",
+        "checkpoints and logging",
+        label="merge LoRA on save",
+    )
     force_cpu: bool = setting(
         False,
         "train on the CPU even when GPUs are present",

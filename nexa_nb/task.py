@@ -15,22 +15,36 @@ class Task:
                 preferred: it is called inside every worker, after the seed is set, so
                 the initial weights are identical on every rank and (under ZeRO-3) a large
                 model is never built whole in the notebook kernel.
-    train_data: a map-style dataset (``__len__`` and ``__getitem__``).
+    train_data: a map-style dataset (``__len__`` and ``__getitem__``): a list, a torch
+                ``Dataset``, or a Hugging Face ``datasets.Dataset`` (raw rows with a collator,
+                or ``with_format("torch")``).
     eval_data:  an optional dataset evaluated every ``eval_every`` steps and at the end.
-    collate_fn: turns a list of samples into a batch (default: torch's default_collate).
+    collate_fn: turns a list of samples into a batch (default: torch's default_collate);
+                transformers' data collators fit as they are. A batch holds tensors (numbers
+                and None may sit beside them) in a tensor, a tuple/list, a mapping (dict,
+                ``BatchEncoding``) or a dataclass, nested as needed.
     loss_fn:    ``loss_fn(outputs, batch) -> scalar tensor``; not needed when the model's
                 output has a ``.loss`` (transformers models given labels) or is a dict with
                 a "loss" key.
-    metrics:    ``metrics(model, eval_batches) -> dict[str, float]``, for task-specific scores
-                (F1, mAP, accuracy...). It runs on every rank at each evaluation (under
-                ZeRO-3 a forward needs all ranks), with that rank's shard of the eval batches,
-                and rank 0's scores are reported. For a score of the whole eval set with
-                several processes, gather across ranks (``torch.distributed.all_gather_object``)
-                or score held-out data the metric keeps itself, as the tutorials do.
+    predict:    ``predict(outputs, batch) -> {name: tensor}``: per-sample tensors of one eval
+                batch (predictions, labels, ids), first dimension the batch. They are gathered
+                from every rank, the repeats Accelerate pads the last batches with dropped, and
+                joined along the first dimension (pad to one length inside `predict` where
+                samples differ in length).
+    score:      ``score(outputs) -> dict[str, float]``: task-specific scores (F1, accuracy...)
+                from `predict`'s tensors of the whole eval set, every sample exactly once, in
+                any number of processes. Given with `predict`.
+    metrics:    ``metrics(model, eval_batches) -> dict[str, float]``, an older form: it runs on
+                every rank with that rank's shard of the eval batches (the last one padded with
+                repeats), and rank 0's scores are reported. Prefer `predict` and `score`.
     forward:    ``forward(model, batch) -> outputs``; default: ``model(**batch)`` for a
-                dict batch, ``model(*batch[:-1])`` for a tuple/list batch (the last item being
-                the target), ``model(batch)`` otherwise.
+                mapping batch, ``model(**fields)`` for a dataclass batch, ``model(*batch[:-1])``
+                for a tuple/list batch, named tuples included (the last item being the
+                target), ``model(batch)`` otherwise. With a forward of its own, a batch may
+                hold anything the forward takes.
     name:       used in messages, exported scripts and tracker run names.
+    tokenizer:  an optional tokenizer (anything with ``save_pretrained``), written beside the
+                trained model so that the output folder loads as one with ``from_pretrained``.
     """
 
     model: Any
@@ -41,6 +55,9 @@ class Task:
     metrics: Callable | None = None
     forward: Callable | None = None
     name: str = "task"
+    tokenizer: Any = None
+    predict: Callable | None = None
+    score: Callable | None = None
 
     def build_model(self):
         """The model itself: calls the factory when `model` is one."""

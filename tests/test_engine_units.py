@@ -1,5 +1,5 @@
-"""The engine's parts on their own: batches, schedules, trackers, checkpoint state. No worker processes
-except in the one end-to-end test at the bottom."""
+"""The engine's parts on their own: schedules, trackers, checkpoint state; no worker processes. Batches, of
+every kind a user brings, are tested in test_hf_data.py."""
 
 from __future__ import annotations
 
@@ -10,13 +10,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-import nexa_nb
-from nexa_nb import events as ev
-from nexa_nb.api import prepare
 from nexa_nb.config import resolve_config
-from nexa_nb.engine.batches import cast_floats, count_tokens, default_forward
 from nexa_nb.engine.checkpoints import STATE_FILE, check_resumable, read_checkpoint_state
 from nexa_nb.engine.runtime import steps_per_epoch
 from nexa_nb.engine.state import TrainState
@@ -24,54 +19,6 @@ from nexa_nb.errors import TrainingError
 from nexa_nb.plan import make_plan
 from nexa_nb.schedules import SCHEDULES
 from nexa_nb.trackers import TRACKERS
-
-
-class TokenModel(torch.nn.Module):
-    """Takes what a transformers collator gives (input_ids, attention_mask, labels), returns .loss."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(16, 4)
-        self.head = torch.nn.Linear(4, 2)
-
-    def forward(self, input_ids, attention_mask, labels, scale=None):
-        hidden = self.embed(input_ids) * attention_mask.unsqueeze(-1)
-        logits = self.head(hidden.mean(dim=1))
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        return {"loss": loss if scale is None else loss * scale.mean()}
-
-
-def token_samples(n: int = 32) -> list[dict[str, list[int] | int]]:
-    return [{"input_ids": [1 + i % 7] * (2 + i % 3), "labels": i % 2} for i in range(n)]
-
-
-def pad_collate(samples):
-    """What DataCollatorWithPadding returns: a BatchEncoding (a UserDict), padded, with an attention mask."""
-    from transformers import BatchEncoding
-
-    width = max(len(s["input_ids"]) for s in samples)
-    ids = [s["input_ids"] + [0] * (width - len(s["input_ids"])) for s in samples]
-    mask = [[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"])) for s in samples]
-    return BatchEncoding(
-        {"input_ids": ids, "attention_mask": mask, "labels": [s["labels"] for s in samples]}, tensor_type="pt"
-    )
-
-
-def test_a_batch_encoding_is_called_cast_and_counted_like_a_dict():
-    batch = pad_collate(token_samples(4))
-    batch["scale"] = torch.ones(4)
-    assert not isinstance(batch, dict)
-
-    assert default_forward(TokenModel(), batch)["loss"].dim() == 0
-    cast = cast_floats(batch, torch.bfloat16)
-    assert cast["scale"].dtype == torch.bfloat16 and cast["input_ids"].dtype == torch.long
-    assert count_tokens(batch) == int(batch["attention_mask"].sum()) == 2 + 3 + 4 + 2
-
-
-def test_the_kernel_accepts_a_batch_encoding_before_training():
-    task = nexa_nb.Task(TokenModel(), token_samples(), collate_fn=pad_collate)
-    plan = prepare(task, resolve_config(environ={}, arguments={"batch_size": 4, "max_steps": 2}))
-    assert plan.micro_batch == 4
 
 
 def test_schedules_warm_up_then_follow_their_shape():
@@ -124,13 +71,3 @@ def test_too_little_data_for_one_step_is_refused_with_the_sums():
     assert steps_per_epoch(33, plan) == 2
     with pytest.raises(TrainingError, match=r"needs 16 samples \(micro-batch 4 x accumulation 2 x 2 procs\)"):
         steps_per_epoch(15, plan)
-
-
-@pytest.mark.slow
-def test_a_transformers_collator_batch_trains_and_counts_tokens(quiet):
-    task = nexa_nb.Task(TokenModel, token_samples(), collate_fn=pad_collate)
-    result = nexa_nb.train(task, sinks=[quiet], batch_size=4, max_steps=3)
-
-    assert result.status == "completed" and len(result.losses) == 3
-    steps = [e for e in quiet.events if isinstance(e, ev.StepEnd)]
-    assert steps and all(e.tokens_per_s for e in steps)

@@ -61,7 +61,7 @@ def test_pitfall_05_worker_events_and_result_reach_the_kernel(quiet):
     ranks = {e.rank for e in quiet.events if isinstance(e, ev.StepEnd)}
     assert ranks == {0, 1}
     assert [h["step"] for h in result.history] == [1, 2, 3]
-    assert result.state_dict is not None
+    assert result.model_dir is not None and os.path.isdir(result.model_dir)
 
 
 def test_pitfall_06_an_accelerator_made_in_the_kernel_is_refused_with_the_fix(quiet):

@@ -57,6 +57,8 @@ TYPED = {
     "eval_every": ("--eval-every 5", 5),
     "trackers": ("--trackers tensorboard,mlflow", ("tensorboard", "mlflow")),
     "log_dir": ("--log-dir logs", "logs"),
+    "output_dir": ("--output-dir out", "out"),
+    "merge_lora": ("--merge-lora", True),
     "force_cpu": ("--force-cpu", True),
 }
 
@@ -91,6 +93,7 @@ CONTEXT = {
     "offload_param": {"zero": 3},
     "resume": {"ckpt_dir": "ck"},
     "ckpt_every": {"ckpt_dir": "ck"},
+    "merge_lora": {"lora": True},
 }
 
 

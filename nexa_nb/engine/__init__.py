@@ -9,6 +9,8 @@ through ``emit``.  One module per job:
 * `batches`: calling the model on a batch, finding the loss, casting inputs;
 * `reporter`: events for the sinks, the history, the trackers;
 * `loop`: `run` (setup, resume, fit, finish) and `fit`, the loop itself;
+* `evaluation`: the eval loss and the task's scores over every eval sample exactly once;
+* `final_model`: the trained model written to its folder by the workers, and read back;
 * `outcome`: what a run hands back, and its last event.
 
 Names are loaded on first use, so that ``nexa_nb.engine.checkpoints`` and

@@ -7,7 +7,6 @@ each to the reporter or to `save_checkpoint`.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,8 @@ import torch
 from nexa_nb import events as ev
 from nexa_nb.engine.batches import cast_floats, extract_loss
 from nexa_nb.engine.checkpoints import checkpoint_name, resume, save_checkpoint
+from nexa_nb.engine.evaluation import evaluate
+from nexa_nb.engine.final_model import save_final_model
 from nexa_nb.engine.outcome import Outcome
 from nexa_nb.engine.reporter import StepReporter
 from nexa_nb.engine.runtime import Runtime, setup
@@ -51,7 +52,9 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
     finally:
         report.close()
 
-    state_dict = final_state_dict(rt.accelerator, rt.model, plan) if status == "completed" else None
+    # The weights go to disk from the workers; the kernel gets the folder's name, never the tensors.
+    written = status == "completed" and plan.output_dir is not None
+    model_dir = save_final_model(rt.accelerator, rt.model, plan, task) if written else None
     final_loss = state.history[-1]["loss"] if state.history else None
     report.ended(status, state.step, final_loss, message)
     return Outcome(
@@ -62,7 +65,7 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
         checkpoint_dir=report.last_checkpoint,
         distributed_type=rt.distributed_type,
         num_processes=rt.accelerator.num_processes,
-        state_dict=state_dict,
+        model_dir=model_dir,
         message=message,
         notes=list(plan.notes),
     )
@@ -139,50 +142,6 @@ def train_micro_batch(rt: Runtime, plan: Plan, task: Task, batch) -> tuple[torch
             rt.scheduler.step()
         rt.optimizer.zero_grad()
     return loss, grad_norm
-
-
-def evaluate(rt: Runtime, task: Task) -> dict[str, float]:
-    """Mean eval loss over the whole (sharded) eval set, plus the task's own metrics."""
-    accelerator, model = rt.accelerator, rt.model
-    model.eval()
-    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    with torch.no_grad():
-        for batch in rt.eval_loader:
-            if rt.cast_dtype is not None:
-                batch = cast_floats(batch, rt.cast_dtype)
-            outputs = rt.forward(model, batch)
-            try:
-                loss = extract_loss(outputs, batch, task.loss_fn)
-            except TrainingError:
-                loss = None
-            if loss is not None:
-                total += loss.float()
-                count += 1
-    metrics: dict[str, float] = {}
-    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-    if count.item() > 0:
-        metrics["loss"] = (total / count).item()
-    if task.metrics is not None:
-        # Every rank runs the metric: under ZeRO-3 a forward needs all ranks to gather weights.
-        with torch.no_grad():
-            metrics.update({k: float(v) for k, v in task.metrics(model, rt.eval_loader).items()})
-    model.train()
-    return metrics
-
-
-def final_state_dict(accelerator, model, plan: Plan) -> dict[str, torch.Tensor] | None:
-    """Whole final weights on CPU for the caller (LoRA merged into the base model)."""
-    state = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process or state is None:
-        return None
-    if plan.config.lora:
-        base = accelerator.unwrap_model(model)
-        merged = copy.deepcopy(base).cpu().float().merge_and_unload()
-        return {k: v.detach().cpu().clone() for k, v in merged.state_dict().items()}
-    return {
-        k: v.detach().cpu().float().clone() if v.is_floating_point() else v.detach().cpu().clone()
-        for k, v in state.items()
-    }
 
 
 def _unused_parameters(exc: RuntimeError, model) -> list[str] | None:

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nexa_nb import events as ev
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass
@@ -24,7 +21,8 @@ class Outcome:
     checkpoint_dir: str | None
     distributed_type: str
     num_processes: int
-    state_dict: dict[str, torch.Tensor] | None = None
+    model_dir: str | None = None
+    """The folder rank 0 wrote the trained model into (`engine.final_model`); None unless completed."""
     message: str = ""
     notes: list[str] = field(default_factory=list)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nexa_nb.engine.batches import default_forward
+from nexa_nb.engine.batches import default_forward, placing_collate
 from nexa_nb.errors import TrainingError
 from nexa_nb.plan import Plan
 from nexa_nb.schedules import SCHEDULES
@@ -270,16 +270,19 @@ def make_loaders(task: Task, plan: Plan):
     a DataLoader takes a seed from its generator at every new iterator, and a resumed run
     creates one where the uninterrupted run did not, so drawing from the global RNG would
     shift every dropout mask after a resume. The order itself comes from Accelerate's
-    seedable sampler: a function of (seed, epoch).
+    seedable sampler: a function of (seed, epoch). Accelerate moves each batch to this rank's
+    device, except a dataclass batch: the collate step places that one itself.
     """
-    from torch.utils.data import DataLoader
+    from accelerate import PartialState
+    from torch.utils.data import DataLoader, default_collate
 
     seed = plan.config.seed
+    collate = placing_collate(task.collate_fn or default_collate, PartialState().device)
     loader = DataLoader(
         task.train_data,
         batch_size=plan.micro_batch,
         shuffle=True,
-        collate_fn=task.collate_fn,
+        collate_fn=collate,
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -289,7 +292,7 @@ def make_loaders(task: Task, plan: Plan):
             task.eval_data,
             batch_size=plan.micro_batch,
             shuffle=False,
-            collate_fn=task.collate_fn,
+            collate_fn=collate,
             generator=torch.Generator().manual_seed(seed),
         )
     return loader, eval_loader
