@@ -10,6 +10,8 @@ Figures (see README.md for the method of each):
 5. start-up: ``%load_ext nexa_nb`` seconds; time to the first optimizer step, nexa_nb.train /
    ``accelerate launch`` of the script ``%nexa_export`` writes
 6. tutorials (only with ``--notebooks``): wall time and peak memory of each notebook in notebooks/
+10. kernel memory (only with ``--only 10``): the kernel's RSS growth per model parameter while
+    GPT-2-style models of 10M, 50M and 150M parameters train under ZeRO-3 in 2 processes
 
 Results go to ``benchmarks/results/<date>-cpu.json`` (``--out`` to put them elsewhere).
 """
@@ -773,6 +775,76 @@ def tutorials(s: Settings, work: Path) -> list[Figure]:
     return figures
 
 
+# --- figure 10 ---------------------------------------------------------------------------
+
+KERNEL_MEMORY = """
+import gc, json, sys, threading, time
+import psutil, torch
+import nexa_nb
+from transformers import GPT2Config, GPT2LMHeadModel
+
+layers, width, heads, folder = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=8192, n_positions=64)
+
+def model():
+    return GPT2LMHeadModel(config)
+
+with torch.device("meta"):  # counted without allocating a single weight in this process
+    params = sum(p.numel() for p in model().parameters())
+ids = torch.randint(0, 8192, (32, 64), generator=torch.Generator().manual_seed(0))
+task = nexa_nb.Task(model, [{"input_ids": row, "labels": row} for row in ids], name="gpt2")
+gc.collect()
+me = psutil.Process()
+before = me.memory_info().rss
+peak, running = before, True
+
+def sample():
+    global peak
+    while running:
+        peak = max(peak, me.memory_info().rss)
+        time.sleep(0.02)
+
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+result = nexa_nb.train(task, zero=3, procs=2, batch_size=2, max_steps=3, lr=1e-4, sinks=[], output_dir=folder)
+gc.collect()
+after = me.memory_info().rss
+running = False
+sampler.join()
+assert result.status == "completed", result
+print(json.dumps({"params": params, "before": before, "after": after, "peak": max(peak, after),
+                  "model_dir": result.model_dir}))
+"""
+
+# GPT-2-style shapes (layers, width, heads) of about 10M, 50M and 150M parameters (vocabulary 8192).
+KERNEL_MEMORY_SHAPES = {"10M": (4, 384, 6), "50M": (9, 640, 10), "150M": (11, 1024, 16)}
+
+
+def kernel_memory(s: Settings, work: Path) -> list[Figure]:
+    """The notebook kernel's memory while a GPT-2-style model trains under ZeRO-3 in 2 processes:
+    growth of its RSS at the peak (sampled every 20 ms) and after the run, in bytes per model
+    parameter. A fresh Python process plays the kernel. The workers write the final model to
+    disk; the kernel should hold none of it. Check: the model folder was written."""
+    figures = []
+    for label, (layers, width, heads) in KERNEL_MEMORY_SHAPES.items():
+        log(f"figure 10: kernel memory, GPT-2 {label} ({layers} layers x {width}), ZeRO-3, 2 processes")
+        r = run_python(KERNEL_MEMORY, str(layers), str(width), str(heads), str(work / f"model-{label}"), timeout=1800)
+        peak, after = (r["peak"] - r["before"]) / r["params"], (r["after"] - r["before"]) / r["params"]
+        figures.append(
+            Figure(
+                f"10_kernel_bytes_per_param_{label}",
+                f"10 kernel growth at peak, GPT-2 {label} (B/param)",
+                peak,
+                at_most(0.05),
+                1,
+                "bytes of kernel RSS growth per model parameter",
+                details={"params": r["params"], "bytes_per_param_after": after, **r},
+                checks={"model_written": Path(r["model_dir"]).is_dir()},
+            )
+        )
+    return figures
+
+
 # --- main --------------------------------------------------------------------------------
 
 FIGURES = {
@@ -782,6 +854,7 @@ FIGURES = {
     4: memory_fidelity,
     5: lambda s, w: [load_ext_time(s, w), startup(s, w)],
     6: tutorials,
+    10: kernel_memory,
 }
 
 

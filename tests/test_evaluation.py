@@ -72,3 +72,17 @@ def test_bad_scoring_is_one_line_before_any_process(change, message):
         setattr(task, name, value)
     with pytest.raises(nexa_nb.TrainingError, match=message.replace("(", r"\(").replace(")", r"\)")):
         nexa_nb.train(task, batch_size=4, max_steps=1, sinks=[])
+
+
+def test_a_dataclass_batch_is_measured_and_cut():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Batch:
+        input_ids: torch.Tensor
+        labels: torch.Tensor
+
+    batch = Batch(torch.zeros(5, 3), torch.arange(5))
+    assert batch_size(batch) == 5
+    first = take_first(batch, 2)
+    assert isinstance(first, Batch) and first.labels.tolist() == [0, 1]

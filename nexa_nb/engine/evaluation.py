@@ -15,34 +15,27 @@ Here:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
-from nexa_nb.engine.batches import cast_floats, extract_loss
+from nexa_nb.engine.batches import cast_floats, extract_loss, map_tensors
 from nexa_nb.errors import TrainingError
 
 
 def take_first(batch, count: int):
     """The first `count` samples of a batch: tensors cut along their first dimension, any container kept."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:count]
-    if isinstance(batch, Mapping):
-        items = {key: take_first(value, count) for key, value in batch.items()}
-        return items if isinstance(batch, dict) else type(batch)(items)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
-        return type(batch)(*(take_first(value, count) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(take_first(value, count) for value in batch)
-    return batch
+    return map_tensors(lambda tensor: tensor[:count] if tensor.dim() else tensor, batch)
 
 
 def batch_size(batch) -> int:
-    """Samples in a batch: the first dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
-    return next((batch_size(value) for value in values if isinstance(value, (torch.Tensor, Mapping, list, tuple))), 0)
+    """Samples in a batch: the first dimension of its first tensor (0 when it holds none)."""
+    sizes: list[int] = []
+
+    def note(tensor: torch.Tensor) -> torch.Tensor:
+        sizes.append(tensor.shape[0] if tensor.dim() else 1)
+        return tensor
+
+    map_tensors(note, batch)
+    return sizes[0] if sizes else 0
 
 
 def own_samples(accelerator, size: int) -> int:
