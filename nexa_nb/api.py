@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -206,18 +207,19 @@ def preflight(task: Task, plan: Plan) -> None:
     """Catch bad data and models in the kernel, before any worker exists."""
     from torch import nn
 
-    from nexa_nb.engine.runtime import steps_per_epoch
+    from nexa_nb.engine.runtime import is_stream, run_length
 
     data = task.train_data
-    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-        raise TrainingError(
-            f"train_data must be a map-style dataset (with __len__ and __getitem__), "
-            f"got {type(data).__name__}; wrap an iterable in a list or a torch Dataset"
-        )
-    if len(data) == 0:
-        raise TrainingError("train_data is empty; give the task at least one batch of samples")
-    steps_per_epoch(len(data), plan)
+    if not is_stream(data):
+        _check_map_style(data)
+    run_length(data, plan)
     batch = _first_batch(task, plan.micro_batch)
+    if is_stream(task.eval_data):
+        raise TrainingError(
+            f"eval_data is a stream ({type(task.eval_data).__name__}); streams serve as train_data only, and "
+            "eval_data must be map-style (a list, a torch Dataset or a datasets.Dataset): take the eval samples "
+            "into a list, e.g. list(itertools.islice(stream, 500))"
+        )
     if task.eval_data is not None and not (hasattr(task.eval_data, "__len__") and len(task.eval_data) > 0):
         raise TrainingError("eval_data is empty or has no length; pass a non-empty dataset or None")
     _check_scoring(task)
@@ -228,18 +230,24 @@ def preflight(task: Task, plan: Plan) -> None:
     _check_outputs(task, plan)
 
 
+def _check_map_style(data) -> None:
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise TrainingError(
+            f"train_data must be a map-style dataset (with __len__ and __getitem__) or a stream (a torch or "
+            f"datasets IterableDataset), got {type(data).__name__}; wrap an iterable in a list, or in a torch "
+            "IterableDataset whose __iter__ yields the samples"
+        )
+    if len(data) == 0:
+        raise TrainingError("train_data is empty; give the task at least one batch of samples")
+
+
 def _first_batch(task: Task, size: int):
     """The first batch as the workers will build it, refused here when the default forward cannot take it."""
     from torch.utils.data import default_collate
 
     from nexa_nb.engine.batches import batch_problem
 
-    try:
-        samples = [task.train_data[i] for i in range(size)]
-    except Exception as exc:
-        raise TrainingError(
-            f"reading train_data[0:{size}] failed ({type(exc).__name__}: {exc}); fix the dataset's __getitem__"
-        ) from None
+    samples = _first_samples(task.train_data, size)
     collate = task.collate_fn or default_collate
     try:
         batch = collate(samples)
@@ -257,6 +265,36 @@ def _first_batch(task: Task, size: int):
             "pass Task(collate_fn=...) that builds them, or pass Task(forward=...) that takes the batch as it is"
         )
     return batch
+
+
+def _first_samples(data, size: int) -> list:
+    """The first `size` samples. A stream is read that far and no further, in an iterator of its own that is
+    closed at once: the workers, forked later, iterate their own copies of the dataset from the beginning."""
+    from nexa_nb.engine.runtime import is_stream
+
+    if not is_stream(data):
+        try:
+            return [data[i] for i in range(size)]
+        except Exception as exc:
+            raise TrainingError(
+                f"reading train_data[0:{size}] failed ({type(exc).__name__}: {exc}); fix the dataset's __getitem__"
+            ) from None
+    iterator = iter(data)
+    try:
+        samples = list(itertools.islice(iterator, size))
+    except Exception as exc:
+        raise TrainingError(
+            f"reading the first {size} samples of train_data failed ({type(exc).__name__}: {exc}); "
+            "fix the dataset's __iter__"
+        ) from None
+    finally:
+        getattr(iterator, "close", lambda: None)()
+    if len(samples) < size:
+        raise TrainingError(
+            f"train_data is a stream of {len(samples)} sample(s), fewer than one micro-batch ({size}); "
+            "lower --batch-size, or give a longer stream"
+        )
+    return samples
 
 
 def _text_fields(sample) -> str:

@@ -17,7 +17,10 @@ class Task:
                 model is never built whole in the notebook kernel.
     train_data: a map-style dataset (``__len__`` and ``__getitem__``): a list, a torch
                 ``Dataset``, or a Hugging Face ``datasets.Dataset`` (raw rows with a collator,
-                or ``with_format("torch")``).
+                or ``with_format("torch")``); or a stream, read in its own order: a torch
+                ``IterableDataset`` or a ``datasets.IterableDataset``, which needs ``max_steps``
+                (its length is unknown) and must yield the same samples in the same order at
+                every ``__iter__`` for a resume to be exact (eval_data stays map-style).
     eval_data:  an optional dataset evaluated every ``eval_every`` steps and at the end.
     collate_fn: turns a list of samples into a batch (default: torch's default_collate);
                 transformers' data collators fit as they are. A batch holds tensors (numbers

@@ -118,4 +118,4 @@ def resume(accelerator, plan: Plan, start: TrainState) -> TrainState:
     # Accelerate counts micro-steps to find accumulation boundaries; after an out-of-memory
     # restart the accumulation differs from the checkpoint's, so count from this run's.
     accelerator.step = saved.step * plan.grad_accum
-    return dataclasses.replace(start, step=saved.step, history=saved.history)
+    return dataclasses.replace(start, step=saved.step, history=saved.history, stream_position=saved.stream_position)

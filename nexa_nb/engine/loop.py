@@ -8,8 +8,9 @@ each to the reporter or to `save_checkpoint`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,56 +73,80 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
 
 
 def fit(rt: Runtime, plan: Plan, task: Task, state: TrainState, report: StepReporter) -> None:
-    """Train from `state.step` to `rt.total_steps`, then evaluate and save once more.
-
-    A resumed run starts mid-epoch: the epoch's data order is a function of (seed, epoch),
-    so skipping the micro-batches already trained continues exactly where the checkpoint was.
-    """
+    """Train from `state.step` to `rt.total_steps`, then evaluate and save once more."""
     c = plan.config
     accelerator, accum = rt.accelerator, plan.grad_accum
     rt.model.train()
-    while state.step < rt.total_steps:
-        epoch = state.step // rt.steps_per_epoch
-        micro = (state.step % rt.steps_per_epoch) * accum  # micro-batches of this epoch already trained
-        rt.train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(rt.train_loader, micro) if micro else rt.train_loader
+    batches = stream_batches(rt, plan, state) if rt.steps_per_epoch is None else epoch_batches(rt, plan, state)
+    micro = 0
+    report.start_window()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for epoch, batch in batches:
+        micro += 1
+        k = (micro - 1) % accum + 1
+        report.micro_step(state.step + 1, k)
+        if rt.cast_dtype is not None:
+            batch = cast_floats(batch, rt.cast_dtype)
+        loss, grad_norm = train_micro_batch(rt, plan, task, batch)
+        loss_sum += loss.detach().float()
+        report.trained(batch)
+        if k < accum:
+            continue
+
+        state.step += 1
+        evaluating = bool(
+            c.eval_every
+            and rt.eval_loader is not None
+            and state.step % c.eval_every == 0
+            and state.step < rt.total_steps
+        )
+        saving = bool(c.ckpt_dir and c.ckpt_every and state.step % c.ckpt_every == 0)
+        report.step_end(
+            state.step, epoch, loss_sum / accum, rt.scheduler.get_last_lr()[0], grad_norm, now=evaluating or saving
+        )
+        if evaluating:
+            report.evaluated(state.step, evaluate(rt, task))
+        if saving:
+            report.saved(state.step, save_checkpoint(accelerator, c.ckpt_dir, state))
         report.start_window()
         loss_sum = torch.zeros((), device=accelerator.device)
-        for batch in batches:
-            if micro >= rt.steps_per_epoch * accum or state.step >= rt.total_steps:
-                break
-            micro += 1
-            k = (micro - 1) % accum + 1
-            report.micro_step(state.step + 1, k)
-            if rt.cast_dtype is not None:
-                batch = cast_floats(batch, rt.cast_dtype)
-            loss, grad_norm = train_micro_batch(rt, plan, task, batch)
-            loss_sum += loss.detach().float()
-            report.trained(batch)
-            if k < accum:
-                continue
-
-            state.step += 1
-            evaluating = bool(
-                c.eval_every
-                and rt.eval_loader is not None
-                and state.step % c.eval_every == 0
-                and state.step < rt.total_steps
-            )
-            saving = bool(c.ckpt_dir and c.ckpt_every and state.step % c.ckpt_every == 0)
-            report.step_end(
-                state.step, epoch, loss_sum / accum, rt.scheduler.get_last_lr()[0], grad_norm, now=evaluating or saving
-            )
-            if evaluating:
-                report.evaluated(state.step, evaluate(rt, task))
-            if saving:
-                report.saved(state.step, save_checkpoint(accelerator, c.ckpt_dir, state))
-            report.start_window()
-            loss_sum = torch.zeros((), device=accelerator.device)
     if rt.eval_loader is not None:
         report.evaluated(state.step, evaluate(rt, task))
     if c.ckpt_dir and report.last_checkpoint != str(Path(c.ckpt_dir) / checkpoint_name(state.step)):
         report.saved(state.step, save_checkpoint(accelerator, c.ckpt_dir, state))
+
+
+def epoch_batches(rt: Runtime, plan: Plan, state: TrainState) -> Iterator[tuple[int, Any]]:
+    """(epoch, micro-batch) of map-style data from `state.step` on, while steps remain.
+
+    A resumed run starts mid-epoch: the epoch's data order is a function of (seed, epoch),
+    so skipping the micro-batches already trained continues exactly where the checkpoint was.
+    """
+    accum = plan.grad_accum
+    while state.step < rt.total_steps:
+        epoch = state.step // rt.steps_per_epoch
+        micro = (state.step % rt.steps_per_epoch) * accum  # micro-batches of this epoch already trained
+        rt.train_loader.set_epoch(epoch)
+        batches = rt.accelerator.skip_first_batches(rt.train_loader, micro) if micro else rt.train_loader
+        for batch in batches:
+            if micro >= rt.steps_per_epoch * accum or state.step >= rt.total_steps:
+                break
+            micro += 1
+            yield epoch, batch
+
+
+def stream_batches(rt: Runtime, plan: Plan, state: TrainState) -> Iterator[tuple[int, Any]]:
+    """(pass, micro-batch) of a stream from `state`'s position on, while steps remain.
+
+    The position after each micro-batch goes into `state`, so a checkpoint holds the one after
+    its step's last micro-batch. A state without one (step 0, or a checkpoint of map-style
+    data) starts from the stream's beginning, past the samples its steps took.
+    """
+    position = state.stream_position or (0, state.step * plan.effective_batch)
+    batches = rt.train_loader.batches(position)
+    while state.step < rt.total_steps:
+        state.stream_position, batch = next(batches)
+        yield state.stream_position[0], batch
 
 
 def train_micro_batch(rt: Runtime, plan: Plan, task: Task, batch) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,7 +1,8 @@
 """Setting a run up: from (plan, task) to a `Runtime`, everything the loop trains with.
 
 The Accelerator and the environment it reads, the model (with gradient checkpointing and
-LoRA), the optimizer, the schedule and the data loaders, prepared by Accelerate.
+LoRA), the optimizer, the schedule and the data loaders, prepared by Accelerate; a streamed
+train_data is read by `StreamBatches` instead.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from nexa_nb.engine.batches import default_forward, placing_collate
+from nexa_nb.engine.batches import default_forward, map_tensors, placing_collate
 from nexa_nb.errors import TrainingError
 from nexa_nb.plan import Plan
 from nexa_nb.schedules import SCHEDULES
@@ -33,11 +35,13 @@ class Runtime:
     optimizer: Any
     scheduler: Any
     train_loader: Any
+    """A prepared DataLoader over map-style data, or the `StreamBatches` of a stream."""
     eval_loader: Any | None
     forward: Callable
     cast_dtype: torch.dtype | None
     """The model's half-precision dtype under DeepSpeed, whose engines do not autocast inputs; else None."""
-    steps_per_epoch: int
+    steps_per_epoch: int | None
+    """None for a stream, whose length is unknown."""
     total_steps: int
     trainable: list[torch.nn.Parameter]
     fingerprint: dict[str, Any]
@@ -59,11 +63,13 @@ def setup(plan: Plan, task: Task) -> Runtime:
         raise TrainingError("the model has no trainable parameter (all requires_grad=False)")
     optimizer = make_optimizer(trainable, plan)
     loader, eval_loader = make_loaders(task, plan)
-    per_epoch = steps_per_epoch(len(task.train_data), plan)
-    total_steps = c.max_steps or per_epoch * c.epochs
+    per_epoch, total_steps = run_length(task.train_data, plan)
     scheduler = make_scheduler(optimizer, plan, total_steps)
 
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if per_epoch is None:  # a stream: read by StreamBatches, not by a prepared loader
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -83,6 +89,26 @@ def setup(plan: Plan, task: Task) -> Runtime:
         fingerprint=fingerprint,
         distributed_type=accelerator.distributed_type.value,
     )
+
+
+def is_stream(data) -> bool:
+    """A torch ``IterableDataset`` (Hugging Face's ``datasets.IterableDataset`` is one): read in order, no length."""
+    return isinstance(data, torch.utils.data.IterableDataset)
+
+
+def run_length(data, plan: Plan) -> tuple[int | None, int]:
+    """(optimizer steps per epoch, steps in the run); a stream has no epoch length, so it needs max_steps."""
+    c = plan.config
+    if is_stream(data):
+        if c.max_steps is None:
+            raise TrainingError(
+                f"train_data is a stream ({type(data).__name__}) whose length is unknown, so the run needs a "
+                "length: pass --max-steps N (max_steps=N); the stream starts again from its beginning whenever "
+                "it ends before"
+            )
+        return None, c.max_steps
+    per_epoch = steps_per_epoch(len(data), plan)
+    return per_epoch, c.max_steps or per_epoch * c.epochs
 
 
 def steps_per_epoch(samples: int, plan: Plan) -> int:
@@ -266,6 +292,8 @@ def make_scheduler(optimizer, plan: Plan, total_steps: int):
 def make_loaders(task: Task, plan: Plan):
     """The train loader (shuffled, incomplete batches dropped) and the eval loader, or None.
 
+    A streamed train_data gets its `StreamBatches` instead: in order, no sample dropped.
+
     Each loader draws from a generator of its own, never from the global RNG that dropout uses:
     a DataLoader takes a seed from its generator at every new iterator, and a resumed run
     creates one where the uninterrupted run did not, so drawing from the global RNG would
@@ -277,15 +305,19 @@ def make_loaders(task: Task, plan: Plan):
     from torch.utils.data import DataLoader, default_collate
 
     seed = plan.config.seed
-    collate = placing_collate(task.collate_fn or default_collate, PartialState().device)
-    loader = DataLoader(
-        task.train_data,
-        batch_size=plan.micro_batch,
-        shuffle=True,
-        collate_fn=collate,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    device = PartialState().device
+    collate = placing_collate(task.collate_fn or default_collate, device)
+    if is_stream(task.train_data):
+        loader = StreamBatches(task.train_data, plan.micro_batch, task.collate_fn or default_collate, device)
+    else:
+        loader = DataLoader(
+            task.train_data,
+            batch_size=plan.micro_batch,
+            shuffle=True,
+            collate_fn=collate,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
     eval_loader = None
     if task.eval_data is not None:
         eval_loader = DataLoader(
@@ -296,3 +328,66 @@ def make_loaders(task: Task, plan: Plan):
             generator=torch.Generator().manual_seed(seed),
         )
     return loader, eval_loader
+
+
+class StreamBatches:
+    """A streamed train_data as this rank's micro-batches, each sample read once, by rank 0.
+
+    Rank 0 reads micro-batch x processes samples at a time and scatters one micro-batch of
+    samples to each rank, which collates its own: so batches may differ in shape from rank to
+    rank (padding collators; Accelerate's dispatcher for iterable datasets concatenates collated
+    batches, which refuses those), and every rank learns where the stream stands. A stream that
+    ends is read again from its beginning (the next pass) without dropping its last samples:
+    a micro-batch may span two passes, and every optimizer step takes the same number of
+    samples. Nothing is shuffled: the order is the stream's own.
+
+    A position is (pass, samples read in that pass). A resume reads the checkpoint's pass again
+    and skips that many samples: exact when the stream yields the same samples in the same
+    order each time it is iterated.
+    """
+
+    def __init__(self, source, micro_batch: int, collate: Callable, device):
+        self.source, self.micro_batch, self.collate, self.device = source, micro_batch, collate, device
+
+    def batches(self, position: tuple[int, int]) -> Iterator[tuple[tuple[int, int], Any]]:
+        """(position after it, this rank's micro-batch) from `position` on, without end.
+
+        Every rank must take the same number of batches: each one is a collective call.
+        """
+        import torch.distributed as dist
+        from accelerate import PartialState
+
+        state = PartialState()
+        rank, world, size = state.process_index, state.num_processes, self.micro_batch
+        samples = self._read(*position) if rank == 0 else None
+        while True:
+            shares = None
+            if rank == 0:
+                read = list(itertools.islice(samples, size * world))
+                where = read[-1][0]
+                shares = [(where, [sample for _, sample in read[r * size : (r + 1) * size]]) for r in range(world)]
+            mine = [None]
+            if world > 1:
+                dist.scatter_object_list(mine, shares, src=0)
+            else:
+                mine = shares
+            where, share = mine[0]
+            yield where, map_tensors(lambda t: t.to(self.device), self.collate(share))
+
+    def _read(self, start_pass: int, skip: int) -> Iterator[tuple[tuple[int, int], Any]]:
+        """((pass, samples read in it), sample) for every sample after the first `skip`, pass after pass."""
+        epoch = start_pass
+        while True:
+            read = 0
+            for sample in self.source:
+                read += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield (epoch, read), sample
+            if read == 0:
+                raise TrainingError(
+                    f"train_data yielded no sample in pass {epoch}; its __iter__ must start the stream afresh "
+                    "at every call"
+                )
+            epoch += 1

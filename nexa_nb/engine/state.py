@@ -16,6 +16,8 @@ class TrainState:
 
     `procs`, `zero`, `micro_batch` and `grad_accum` are those of the run that wrote it;
     `model` is its model's fingerprint (parameter count and a digest of names and shapes).
+    `stream_position` is where a streamed train_data stands: (pass, samples read in that pass)
+    after the step's last micro-batch; None for map-style data, whose position follows from `step`.
     """
 
     step: int
@@ -26,6 +28,7 @@ class TrainState:
     history: list[dict[str, Any]]
     task: str | None
     model: dict[str, Any] | None
+    stream_position: tuple[int, int] | None = None
 
     @classmethod
     def start(cls, plan: Plan, task_name: str, fingerprint: dict[str, Any]) -> TrainState:
@@ -55,4 +58,5 @@ class TrainState:
             history=data.get("history", []),
             task=data.get("task"),
             model=data.get("model"),
+            stream_position=tuple(data["stream_position"]) if data.get("stream_position") else None,
         )
