@@ -5,6 +5,7 @@
 - ``ner_data`` and ``ner``: synthetic utility-engineering sentences with BIO entity tags, and the task (01).
 - ``yolo_data`` and ``yolo``: synthetic images of utility poles and crossarms with YOLO boxes, and the task (02).
 - ``embedding_data`` and ``embeddings``: synthetic (requirement, spec clause) pairs, and the task (03).
+- ``llm``: the standard library's sources as text, a BPE tokenizer, packed blocks and streams, perplexity (06).
 
 A notebook imports this package from its own folder, which Jupyter makes the kernel's working
 directory; the tests put ``notebooks/`` on ``sys.path`` (``pythonpath`` in pyproject.toml). The
