@@ -290,7 +290,8 @@ LIBRARY_BANNERS = r"DeepSpeed \S+ built successfully"
 def quiet_libraries(rank: int) -> None:
     """Keep out of the cell what the libraries say to no notebook user, and say the rest once.
 
-    Warnings show on rank 0 only: every rank runs the same code and would repeat them. Some
+    Warnings, and transformers' logged ones such as a load report, show on rank 0 only: every
+    rank runs the same code and would repeat them. Some
     say nothing to the user at all: DeepSpeed calls torch.distributed functions that torch
     has deprecated, and peft or accelerate ask transformers' deprecated
     ``is_gradient_checkpointing``; those are for the libraries' authors. transformers'
@@ -305,6 +306,8 @@ def quiet_libraries(rank: int) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+        if rank > 0:  # its log warnings (a from_pretrained's load report, ...) on rank 0 only, like the others
+            transformers_logging.set_verbosity_error()
 
 
 class _Drain:
