@@ -62,4 +62,3 @@ def test_lora_on_a_gpt2_model_with_gradient_checkpointing_warns_nothing():
     assert "status completed" in printed
     for noise in ("fan_in_fan_out", "is_gradient_checkpointing", "built successfully", "Warning"):
         assert noise not in printed, noise
-
