@@ -129,6 +129,11 @@ def memory_table(
     total_params: int, largest_layer_params: int, *, gpus_per_node: int = 1, num_nodes: int = 1
 ) -> list[StateMemory]:
     """One row per setup worth comparing, from plain Accelerate to ZeRO-3 with full cpu offload."""
+    return _rows(total_params, largest_layer_params, _TABLE_SETUPS, gpus_per_node, num_nodes)
+
+
+def _rows(total_params: int, largest_layer_params: int, setups, gpus_per_node: int, num_nodes: int) -> list:
+    """The model-state memory of each (stage, optimizer offload, parameter offload) in `setups`."""
     return [
         model_state_memory(
             total_params,
@@ -139,7 +144,7 @@ def memory_table(
             gpus_per_node=gpus_per_node,
             num_nodes=num_nodes,
         )
-        for stage, opt, param in _TABLE_SETUPS
+        for stage, opt, param in setups
     ]
 
 
@@ -247,18 +252,7 @@ def recommend(
     budget = int(headroom * device_bytes_available)
     usable = f"{format_bytes(budget)} usable ({headroom:.0%} of {format_bytes(device_bytes_available)})"
     host_available = format_bytes(host_bytes_available)
-    rows = [
-        model_state_memory(
-            total_params,
-            largest_layer_params,
-            stage=stage,
-            offload_optimizer=opt,
-            offload_param=param,
-            gpus_per_node=gpus_per_node,
-            num_nodes=num_nodes,
-        )
-        for stage, opt, param in _SPEED_ORDER
-    ]
+    rows = _rows(total_params, largest_layer_params, _SPEED_ORDER, gpus_per_node, num_nodes)
 
     def needs(row: StateMemory, micro_batch: int) -> str:
         return _needs(row, activation_bytes_per_sample, micro_batch)

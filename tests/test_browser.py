@@ -11,8 +11,7 @@ import time
 
 import nbformat
 import pytest
-from browser.lab import ARTIFACTS, CHROMIUM, JupyterLab, chromium, training_notebook
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from browser.lab import ARTIFACTS, CHROMIUM, PROMPTS_JS, JupyterLab, chromium, run_all_cells, training_notebook
 from playwright.sync_api import sync_playwright
 
 pytestmark = [
@@ -54,39 +53,11 @@ SNAPSHOT_JS = """
 }
 """
 
-KERNEL_IDLE_JS = """
-() => {
-  const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const kernel = panel && panel.sessionContext && panel.sessionContext.session && panel.sessionContext.session.kernel;
-  return !!kernel && kernel.status === 'idle' && kernel.connectionStatus === 'connected';
-}
-"""
-
-PROMPTS_JS = "() => [...document.querySelectorAll('.jp-Notebook .jp-InputPrompt')].map((p) => p.textContent.trim())"
-
 
 def both_ranks(view) -> bool:
     """Rank 0 and 1 each have more than one loss point, and a memory row."""
     points = view["points"]
     return points.get("0", 0) > 1 and points.get("1", 0) > 1 and {"0", "1"} <= set(view["memory"])
-
-
-def run_all(page) -> None:
-    """Run every cell once the notebook's kernel is ready; return when the first cell is queued.
-
-    The command is sent again if no cell was queued: just after the page loads it can reach
-    the notebook before JupyterLab tracks it as the current one, and then does nothing."""
-    page.wait_for_function(KERNEL_IDLE_JS, timeout=120_000)
-    for _ in range(3):
-        # Not awaited: the command's promise resolves only when every cell has run.
-        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
-        try:
-            page.wait_for_function(f"() => ({PROMPTS_JS})().some((p) => /[*0-9]/.test(p))", timeout=15_000)
-            return
-        except PlaywrightTimeout:
-            pass
-    screenshot(page, "browser-failure.png")
-    raise AssertionError(f"run all cells: no cell was queued; prompts {page.evaluate(PROMPTS_JS)}")
 
 
 def screenshot(page, name: str) -> None:
@@ -112,7 +83,11 @@ def test_live_dashboard_in_jupyterlab(tmp_path):
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(f"{lab.url}/lab/tree/test.ipynb?token={lab.token}", timeout=120_000)
-            run_all(page)
+            try:
+                run_all_cells(page)
+            except AssertionError:
+                screenshot(page, "browser-failure.png")
+                raise
 
             live_ok, last_live, shot_at = None, None, 0
             deadline = time.monotonic() + 150
