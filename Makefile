@@ -40,7 +40,7 @@ browser-deps:
 
 # This environment's tools first on PATH: DeepSpeed compiles its ops with the first ninja found.
 test: $(STAMP) $(YOLO_STAMP) browser-deps lint
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests notebooks --nbval-lax --ignore=notebooks/02_yolo.ipynb
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-cell-timeout=600 --ignore=notebooks/02_yolo.ipynb
 	$(MAKE) --no-print-directory test-yolo
 
 # Formatting and lint: part of `make test`, so a lint error fails CI.
@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test-yolo: $(YOLO_STAMP)
-	PATH="$(abspath $(YOLO_VENV))/bin:$$PATH" $(YOLO_PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/02_yolo.ipynb tests/test_tutorial_yolo.py
+	PATH="$(abspath $(YOLO_VENV))/bin:$$PATH" $(YOLO_PY) -m pytest -q --nbval-lax --nbval-cell-timeout=600 --nbval-current-env notebooks/02_yolo.ipynb tests/test_tutorial_yolo.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

@@ -77,8 +77,6 @@ class WorkerDone:
     payload: bytes
 
 
-_STOP = "nexa-stop"
-
 # Modules known to initialise CUDA when imported or used at the top level of a notebook.
 _CUDA_INITIALISERS = ("bitsandbytes", "pynvml", "cupy", "numba.cuda", "tensorflow", "jax")
 
@@ -311,7 +309,15 @@ def quiet_libraries(rank: int) -> None:
 
 
 class _Drain:
-    """A thread that moves worker events from the queue into the sinks."""
+    """A thread that moves worker events from the queue into the sinks.
+
+    It is stopped by a thread event, never by a message on the queue: a worker killed by a
+    signal in the middle of a write (the elastic agent's SIGTERM or SIGKILL after an
+    interrupt) leaves the queue's writer lock taken for good, and a put from the kernel
+    would wait on it forever.
+    """
+
+    POLL_S = 0.05
 
     def __init__(self, queue, sinks: Iterable[ev.Sink]):
         self.queue = queue
@@ -321,17 +327,21 @@ class _Drain:
         self.lost: list[str] = []
         self.last_step = 0
         self.ended = False
+        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="nexa-drain", daemon=True)
 
     def _loop(self) -> None:
         while True:
+            if self.queue.empty():
+                if self.stopped.is_set():  # the workers have ended and everything they sent is shown
+                    return
+                self.stopped.wait(self.POLL_S)
+                continue
             try:
                 item = self.queue.get()
             except Exception as exc:  # an event that cannot be unpickled must not end the drain
                 self.lost.append(f"{type(exc).__name__}: {exc}")
                 continue
-            if isinstance(item, str) and item == _STOP:
-                return
             if isinstance(item, WorkerDone):
                 self.outcome = pickle.loads(item.payload)
             elif isinstance(item, WorkerFailed):
@@ -367,7 +377,9 @@ class _Drain:
         return self
 
     def __exit__(self, *exc):
-        self.queue.put(_STOP)
+        self.stopped.set()
+        # A daemon thread: should a killed worker have left half a message, its read never
+        # ends, and the kernel goes on without it.
         self.thread.join(timeout=30)
 
 

@@ -143,3 +143,32 @@ def test_an_interrupt_stops_every_worker_and_keeps_the_last_checkpoint(tmp_path,
     )
     assert again.status == "completed"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_kernel_stops_draining_even_when_a_killed_worker_holds_the_queue_lock():
+    """A worker killed by a signal inside `queue.put` never releases the queue's writer lock;
+    the kernel's drain must still end (it once waited on that lock for ever)."""
+    import multiprocessing
+
+    from nexa_nb.launch import _Drain
+
+    fork = multiprocessing.get_context("fork")
+    queue = fork.SimpleQueue()
+    shown = []
+
+    class Shown(ev.Sink):
+        def handle(self, event):
+            shown.append(event)
+
+    def killed_mid_write():
+        queue.put(["an event"])
+        queue._wlock.acquire()  # what a SIGKILL inside put leaves behind
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    started = time.monotonic()
+    with _Drain(queue, [Shown()]):
+        worker = fork.Process(target=killed_mid_write)
+        worker.start()
+        worker.join()
+    assert time.monotonic() - started < 5
+    assert shown == ["an event"]
