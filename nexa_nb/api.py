@@ -101,6 +101,7 @@ def train(
     """
     global _last
     from nexa_nb.launch import launch
+    from nexa_nb.op_builds import compile_note
     from nexa_nb.sinks.console import ConsoleSink
 
     cfg = resolve_config(config_file=config, session=session, arguments=options)
@@ -108,6 +109,10 @@ def train(
     if on_plan is not None:
         on_plan(plan)
     sinks = [ConsoleSink()] if sinks is None else list(sinks)
+    compiling = compile_note(plan)
+    if compiling is not None:  # the wait before the first step, said where the user looks
+        for sink in sinks:
+            sink.handle(Note(compiling))
     while True:
         saved_before = _checkpoints(plan)
         try:

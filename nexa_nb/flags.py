@@ -85,12 +85,17 @@ class _Exclusive(ArgDecorator):
                 dest=f.name,
                 action="store_const",
                 const=value,
-                help=f"{label} {f.meta.help.split(':')[0]} ({f.name}={value!r}).",
+                help=_escaped(f"{label} {f.meta.help.split(':')[0]} ({f.name}={value!r})."),
             )
 
 
 def _help(f: Field) -> str:
-    return f"{f.meta.help} ({f.name}=)."
+    return _escaped(f"{f.meta.help} ({f.name}=).")
+
+
+def _escaped(help_text: str) -> str:
+    """argparse formats help with %: a help that names a magic (%nexa_runs) must not be read as a format."""
+    return help_text.replace("%", "%%")
 
 
 def _argument(f: Field) -> ArgDecorator:

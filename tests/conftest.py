@@ -63,3 +63,24 @@ def quiet():
     from nexa_nb.events import RecordingSink
 
     return RecordingSink()
+
+
+@pytest.fixture
+def kernel_name(tmp_path, monkeypatch):
+    """A Jupyter kernelspec for this interpreter, found through JUPYTER_PATH: real kernels that
+    run the code under test, whatever kernels the machine has installed."""
+    import json
+
+    spec = tmp_path / "jupyter" / "kernels" / "nexa-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "nexa_nb test",
+                "language": "python",
+            }
+        )
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return "nexa-test"

@@ -114,12 +114,27 @@ def test_a_transformers_model_loads_with_from_pretrained_as_it_ended(options, tm
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_lora_writes_the_adapter_and_the_merged_model(tmp_path, quiet):
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(dict(procs=1), id="plain"),
+        pytest.param(dict(procs=2, zero=3), id="zero3-2procs", marks=pytest.mark.slow),
+    ],
+)
+def test_lora_writes_the_adapter_and_the_merged_model(options, tmp_path, quiet):
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
     from transformers import GPT2LMHeadModel
 
     result = nexa_nb.train(
-        gpt2_task(), sinks=[quiet], max_steps=4, batch_size=4, lr=1e-2, ckpt_dir=str(tmp_path), merge_lora=True, **LORA
+        gpt2_task(),
+        sinks=[quiet],
+        max_steps=4,
+        batch_size=4,
+        lr=1e-2,
+        ckpt_dir=str(tmp_path),
+        merge_lora=True,
+        **LORA,
+        **options,
     )
 
     folder = result.model_dir

@@ -62,3 +62,42 @@ def test_lora_on_a_gpt2_model_with_gradient_checkpointing_warns_nothing():
     assert "status completed" in printed
     for noise in ("fan_in_fan_out", "is_gradient_checkpointing", "built successfully", "Warning"):
         assert noise not in printed, noise
+
+
+@pytest.mark.slow
+def test_in_a_kernel_a_transformers_run_and_its_reload_print_no_library_noise(tmp_path, kernel_name):
+    """In a real kernel: no per-rank load reports, no op banners or DeepSpeed set-up warnings
+    in this cell or a later one, and no loading bar when the trained model is read back."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    cells = [
+        "%load_ext nexa_nb",
+        textwrap.dedent("""
+            import torch, nexa_nb
+            from transformers import GPT2Config, GPT2LMHeadModel
+            config = GPT2Config(
+                n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=16, bos_token_id=0, eos_token_id=0
+            )
+            def model():
+                return GPT2LMHeadModel(config)
+            ids = torch.randint(0, 97, (32, 16), generator=torch.Generator().manual_seed(0))
+            task = nexa_nb.Task(model, [{"input_ids": row, "labels": row} for row in ids])
+        """),
+        "%config NexaMagics.dashboard = False\nres = %nexa_train --zero 3 --procs 2 --batch-size 4 --max-steps 2",
+        "print('next cell')",
+        "m = res.trained_model()\nprint(type(m).__name__)",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    NotebookClient(nb, kernel_name=kernel_name, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    train, later, reload = nb.cells[2:]
+
+    def printed(cell):
+        return "".join(o["text"] for o in cell.outputs if o["output_type"] == "stream")
+
+    for noise in ("LOAD REPORT", "built successfully", "Setting accelerator", "Loading weights", "Warning"):
+        assert noise not in printed(train) + printed(later) + printed(reload), noise
+    assert "completed at step 2" in printed(train)
+    assert printed(later) == "next cell\n"
+    assert printed(reload) == "GPT2LMHeadModel\n"
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in reload.outputs)

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -180,7 +181,8 @@ def load_model(model_dir: str | os.PathLike, task: Task, *, merge: bool = True):
 def _load_whole(folder: Path, info: dict[str, Any], task: Task):
     if info["format"] == "transformers":
         cls = type(task.model) if not task.model_is_factory() else _import_class(*info["class"])
-        return cls.from_pretrained(str(folder))
+        with _without_progress_bar():
+            return cls.from_pretrained(str(folder))
     from safetensors.torch import load_file
 
     state = load_file(str(folder / WEIGHTS_FILE))
@@ -188,6 +190,20 @@ def _load_whole(folder: Path, info: dict[str, Any], task: Task):
     model = _fresh_model(task)
     model.load_state_dict(state)
     return model
+
+
+@contextmanager
+def _without_progress_bar():
+    """transformers draws a "Loading weights" bar for a folder the user never asked to load."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def _fresh_model(task: Task, seed: int | None = None):

@@ -1,0 +1,95 @@
+"""DeepSpeed compiles some of its C++ ops the first time a machine needs them.
+
+The first DeepSpeed run on a CPU machine compiles the shared-memory communication op, and the
+first run that offloads the optimizer compiles DeepSpeed's CPU Adam: about half a minute each
+on two cores, measured, while the cell shows nothing. Later runs load the built op from torch's
+extensions folder. This module says beforehand which ops a plan will compile, so that the live
+view can tell the user what they are waiting for. It imports neither torch nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+from nexa_nb.plan import Plan
+
+# Op name (as DeepSpeed and torch's extension folder spell it) -> what it is, for the note.
+COMPILED_OPS = {
+    "deepspeed_shm_comm": "its CPU communication op",
+    "cpu_adam": "its CPU Adam optimizer",
+    "async_io": "its asynchronous I/O op (NVMe offload)",
+}
+
+
+def ops_a_plan_loads(plan: Plan) -> list[str]:
+    """The DeepSpeed ops that the workers of `plan` load, built or not."""
+    if not plan.uses_deepspeed:
+        return []
+    ops = []
+    if plan.device == "cpu":
+        ops.append("deepspeed_shm_comm")
+    if plan.config.offload_optimizer in ("cpu", "nvme"):
+        ops.append("cpu_adam")
+    if "nvme" in (plan.config.offload_optimizer, plan.config.offload_param):
+        ops.append("async_io")
+    return ops
+
+
+def ops_to_compile(plan: Plan) -> list[str]:
+    """The ops of `plan` that neither DeepSpeed's install nor an earlier run has built."""
+    folder = extensions_folder()
+    if folder is None:  # unknown: say nothing rather than something wrong
+        return []
+    prebuilt = _prebuilt_ops()
+    return [op for op in ops_a_plan_loads(plan) if not prebuilt.get(op) and not (folder / op / f"{op}.so").exists()]
+
+
+def compile_note(plan: Plan) -> str | None:
+    """One line for the live view when the workers will compile ops before the first step."""
+    ops = ops_to_compile(plan)
+    if not ops:
+        return None
+    what = " and ".join(COMPILED_OPS[op] for op in ops)
+    return (
+        f"DeepSpeed compiles {what} before the first step, once per machine "
+        f"(about {30 * len(ops)} s on two cores); later runs start without it."
+    )
+
+
+def extensions_folder() -> Path | None:
+    """Where torch keeps built extensions for this Python and torch build (torch's own rule)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    if "torch" not in sys.modules:  # a plan is made from a task, so torch is there; never import it here
+        return None
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def _prebuilt_ops() -> dict[str, bool]:
+    """DeepSpeed's record of the ops built at install time (DS_BUILD_OPS=1), read without
+    importing DeepSpeed (which the kernel never needs)."""
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    record = Path(spec.submodule_search_locations[0]) / "git_version_info_installed.py"
+    try:
+        match = re.search(r"installed_ops\s*=\s*(\{.*?\})", record.read_text())
+        return ast.literal_eval(match.group(1)) if match else {}
+    except (OSError, ValueError, SyntaxError):
+        return {}

@@ -1,0 +1,63 @@
+"""The first DeepSpeed run on a machine compiles ops; the live view says so before the wait."""
+
+from __future__ import annotations
+
+import pytest
+
+import nexa_nb
+from nexa_nb import events as ev
+from nexa_nb.config import resolve_config
+from nexa_nb.hardware import Gpu, Hardware
+from nexa_nb.op_builds import compile_note, ops_a_plan_loads
+from nexa_nb.plan import make_plan
+from tests.conftest import regression_task
+
+GIB = 2**30
+CPU = Hardware(cpu_cores=2, host_memory_bytes=16 * GIB, host_available_bytes=12 * GIB)
+GPU = Hardware(gpus=(Gpu("NVIDIA H100", 80 * GIB, 9.0),), cpu_cores=16, host_memory_bytes=256 * GIB)
+
+
+def plan(hardware=CPU, **arguments):
+    return make_plan(resolve_config(environ={}, arguments=arguments), hardware)
+
+
+@pytest.mark.parametrize(
+    "hardware, arguments, ops",
+    [
+        (CPU, {}, []),
+        (CPU, {"procs": 2}, []),
+        (CPU, {"zero": 2}, ["deepspeed_shm_comm"]),
+        (CPU, {"zero": 3, "offload": "cpu"}, ["deepspeed_shm_comm", "cpu_adam"]),
+        (
+            CPU,
+            {"zero": 3, "offload_optimizer": "nvme", "nvme_path": "/tmp"},
+            ["deepspeed_shm_comm", "cpu_adam", "async_io"],
+        ),
+        (GPU, {"zero": 2}, []),
+    ],
+)
+def test_the_ops_a_plan_loads(hardware, arguments, ops):
+    assert ops_a_plan_loads(plan(hardware, **arguments)) == ops
+
+
+def test_a_built_op_is_not_announced(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    zero = plan(zero=2)
+    assert "communication op" in compile_note(zero)
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").touch()
+    assert compile_note(zero) is None
+
+
+def test_the_first_zero_run_says_it_compiles_before_it_does_and_the_next_does_not(tmp_path, monkeypatch, quiet):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    task = regression_task(n=64)
+    nexa_nb.train(task, zero=2, procs=1, max_steps=2, batch_size=8, sinks=[quiet])
+    first, started = quiet.events[0], next(e for e in quiet.events if isinstance(e, ev.RunStarted))
+    assert isinstance(first, ev.Note) and "compiles its CPU communication op" in first.message
+    assert quiet.events.index(first) < quiet.events.index(started)
+    assert (tmp_path / "extensions" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()
+
+    again = ev.RecordingSink()
+    nexa_nb.train(task, zero=2, procs=1, max_steps=2, batch_size=8, sinks=[again])
+    assert not [e for e in again.events if isinstance(e, ev.Note) and "compiles" in e.message]
