@@ -10,7 +10,7 @@ YOLO_VENV ?= .venv-yolo
 YOLO_PY := $(YOLO_VENV)/bin/python
 YOLO_STAMP := $(YOLO_VENV)/.nexa-installed
 
-.PHONY: demo test lint test-yolo bench bench-gpu browser-deps clean
+.PHONY: demo test lint test-yolo bench bench-gpu system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,14 +32,19 @@ $(YOLO_STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m nexa_nb.demo
 
-browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Debian packages the tests need: chromium (browser tests) and libaio-dev (DeepSpeed's async
+# I/O op, for NVMe offload). Installed when running as root with apt-get; named otherwise.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	[ -e /usr/include/libaio.h ] || missing="$$missing libaio-dev"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "some tests need Debian packages:$$missing (sudo apt-get install$$missing)"; fi; fi
 
 # This environment's tools first on PATH: DeepSpeed compiles its ops with the first ninja found.
-test: $(STAMP) $(YOLO_STAMP) browser-deps lint
+test: $(STAMP) $(YOLO_STAMP) system-deps lint
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-cell-timeout=600 --ignore=notebooks/02_yolo.ipynb
 	$(MAKE) --no-print-directory test-yolo
 

@@ -13,10 +13,12 @@ import ast
 import importlib.util
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 from nexa_nb.plan import Plan
+from nexa_nb.settings import ConfigError
 
 # Op name (as DeepSpeed and torch's extension folder spell it) -> what it is, for the note.
 COMPILED_OPS = {
@@ -59,6 +61,40 @@ def compile_note(plan: Plan) -> str | None:
         f"DeepSpeed compiles {what} before the first step, once per machine "
         f"(about {30 * len(ops)} s on two cores); later runs start without it."
     )
+
+
+# DeepSpeed's own test, run where the workers run it: before loading the async I/O op (built or
+# not) DeepSpeed compiles and links a small program against libaio, and fails without it.
+ASYNC_IO_PROBE = (
+    "from deepspeed.ops.op_builder.async_io import AsyncIOBuilder\n"
+    "raise SystemExit(0 if AsyncIOBuilder().is_compatible(verbose=False) else 1)"
+)
+
+
+def check_nvme_offload(plan: Plan, environ: dict[str, str] | None = None) -> None:
+    """Refuse NVMe offload before any worker starts when DeepSpeed cannot load its async I/O op.
+
+    The probe runs in a subprocess (the kernel never imports DeepSpeed) with `environ`, the
+    workers' environment by default.
+    """
+    if "async_io" not in ops_a_plan_loads(plan):
+        return
+    probe = subprocess.run(
+        [sys.executable, "-c", ASYNC_IO_PROBE],
+        env={**os.environ, **plan.worker_env} if environ is None else environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if probe.returncode != 0:
+        which = "offload_optimizer" if plan.config.offload_optimizer == "nvme" else "offload_param"
+        raise ConfigError(
+            which,
+            "NVMe offload needs DeepSpeed's async I/O op, which cannot be built here "
+            "(it compiles against libaio's headers and library)",
+            "install them (Debian/Ubuntu: apt-get install libaio-dev; Fedora: dnf install libaio-devel) "
+            "and a C compiler, or offload to the CPU instead (--offload cpu)",
+        )
 
 
 def extensions_folder() -> Path | None:
