@@ -67,7 +67,10 @@ class StepClock:
 
         rank = int(os.environ.get("RANK", "0"))
         path = Path(self.folder) / f"{self.label}-rank{rank}.json"
-        path.write_text(json.dumps({"times": self.times, "threads": torch.get_num_threads(), "pid": os.getpid()}))
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        path.write_text(
+            json.dumps({"times": self.times, "threads": torch.get_num_threads(), "cores": cores, "pid": os.getpid()})
+        )
 
 
 def read_clock(folder: str | os.PathLike, label: str, rank: int = 0) -> dict[str, Any]:
@@ -113,20 +116,36 @@ class Steps:
 # --- A/B comparisons -----------------------------------------------------------------------
 
 
+@dataclass
+class Pairs:
+    """The raw figures of an A/B comparison, in run order, and how busy the machine was meanwhile."""
+
+    a: list[float]
+    b: list[float]
+    others: list[float]
+    """Per pair: the cores that processes other than the harness and its children kept busy
+    (`OthersOnCores`), on average over the pair's two runs."""
+
+
 def alternate(
     repeats: int,
     run_a: Callable[[int], float],
     run_b: Callable[[int], float],
     log: Callable[[str], None] = print,
     names: tuple[str, str] = ("A", "B"),
-) -> tuple[list[float], list[float]]:
+) -> Pairs:
     """Run A, B, A, B, ... ``repeats`` times each, so that slow drift of the machine hits both sides."""
-    a, b = [], []
+    pairs = Pairs([], [], [])
     for i in range(repeats):
-        a.append(run_a(i))
-        b.append(run_b(i))
-        log(f"    pair {i + 1}/{repeats}: {names[0]} {a[-1]:.4g}  {names[1]} {b[-1]:.4g}")
-    return a, b
+        with OthersOnCores() as others:
+            pairs.a.append(run_a(i))
+            pairs.b.append(run_b(i))
+        pairs.others.append(others.busy)
+        log(
+            f"    pair {i + 1}/{repeats}: {names[0]} {pairs.a[-1]:.4g}  {names[1]} {pairs.b[-1]:.4g}  "
+            f"ratio {pairs.a[-1] / pairs.b[-1]:.4f}  others busy {others.busy:.3f} cores"
+        )
+    return pairs
 
 
 def median(values: list[float]) -> float:
@@ -186,11 +205,14 @@ class Figure:
     the ratio compares different work, whatever its value."""
     load_before: list[float] = field(default_factory=list)
     load_after: list[float] = field(default_factory=list)
+    spread: tuple[float, float] | None = None
+    """The interquartile range of the values the ratio is the median of (the pair ratios)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "title": self.title,
             "ratio": self.ratio,
+            "spread_iqr": self.spread,
             "goal": self.goal.text(),
             "met_goal": self.goal.met(self.ratio),
             "n": self.n,
@@ -211,6 +233,14 @@ def side(values: list[float]) -> dict[str, Any]:
     }
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles (both the value itself for a single one)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 def ab_figure(
     key: str,
     title: str,
@@ -220,21 +250,94 @@ def ab_figure(
     a: list[float],
     b: list[float],
     checks: dict[str, bool] | None = None,
+    others: list[float] | None = None,
+    quiet_limit: float | None = None,
     **details: Any,
 ) -> Figure:
-    """A figure whose ratio is A / B, taken as the median of the per-pair ratios.
+    """A figure whose ratio is A / B, taken as the median of the per-pair ratios, with their
+    interquartile range as its spread.
 
     Each pair ran back to back, so its ratio is the least touched by drift; the median of
-    each side, and the ratio of those medians, are kept beside it.
+    each side, and the ratio of those medians, are kept beside it. ``others`` (per pair, the
+    cores other processes kept busy) adds the check ``quiet_machine``: none above
+    ``quiet_limit`` (default `QUIET_OTHERS_CORES`).
     """
     pairs = [x / y for x, y in zip(a, b)]
-    details = {"pair_ratios": pairs, "ratio_of_medians": median(a) / median(b), **details}
-    return Figure(
-        key, title, median(pairs), goal, len(pairs), unit, {names[0]: side(a), names[1]: side(b)}, details, checks or {}
+    details = {
+        "pair_ratios": pairs,
+        "pair_ratio_range": [min(pairs), max(pairs)],
+        "ratio_of_medians": median(a) / median(b),
+        **details,
+    }
+    checks = dict(checks or {})
+    if others is not None:
+        details["others_busy_cores_per_pair"] = [round(x, 4) for x in others]
+        checks["quiet_machine"] = max(others) <= (QUIET_OTHERS_CORES if quiet_limit is None else quiet_limit)
+    figure = Figure(
+        key, title, median(pairs), goal, len(pairs), unit, {names[0]: side(a), names[1]: side(b)}, details, checks
     )
+    figure.spread = quartiles(pairs)
+    return figure
 
 
 # --- the machine -------------------------------------------------------------------------
+
+
+QUIET_OTHERS_CORES = 0.05
+"""A pair is quiet when the other processes kept at most this many cores busy on average
+(``--max-others`` changes it): on 2 cores, 0.05 is 2.5 % of the machine."""
+
+QUIET_LOAD = 0.3
+"""A timed run is refused when the 1-minute load average is above this before it starts
+(``--max-load`` changes it, ``--noisy`` runs anyway and names the results file ``-noisy``)."""
+
+
+def pin_cores(spec: str | None) -> list[int]:
+    """Pin this process to the cores in `spec` ("0,1", "2-3"; None: those it may use now) and
+    return them. Every process it starts, on both sides of a comparison, inherits the set."""
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    if spec:
+        cores: set[int] = set()
+        for part in spec.split(","):
+            low, _, high = part.partition("-")
+            cores.update(range(int(low), int(high or low) + 1))
+        os.sched_setaffinity(0, cores)
+    return sorted(os.sched_getaffinity(0))
+
+
+class OthersOnCores:
+    """How many of this process's cores other processes kept busy while the block ran: the busy
+    time of those cores (``/proc/stat``, steal time included) less the CPU time of this process
+    and of the children it has waited for, over the wall time. It reads 0 where it cannot tell
+    (no per-core times).
+
+    The load average says how many tasks were runnable, this harness's own workers included;
+    this says how much of the machine something else took from both sides of a comparison.
+    """
+
+    def __init__(self):
+        self.cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.busy = 0.0
+
+    def _sample(self) -> tuple[float, float, float]:
+        import psutil
+
+        per_core = psutil.cpu_times(percpu=True)
+        cores = [per_core[c] for c in self.cores if c < len(per_core)]
+        fields = ("user", "nice", "system", "irq", "softirq", "steal")
+        busy = sum(getattr(t, f, 0.0) for t in cores for f in fields)
+        own = os.times()
+        return time.monotonic(), busy, own.user + own.system + own.children_user + own.children_system
+
+    def __enter__(self):
+        self.start = self._sample()
+        return self
+
+    def __exit__(self, *exc):
+        (t0, busy0, own0), (t1, busy1, own1) = self.start, self._sample()
+        if t1 > t0 and self.cores:
+            self.busy = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
 
 
 def load_average() -> list[float]:
@@ -312,15 +415,17 @@ def write_results(
 
 
 def table(figures: list[Figure]) -> str:
-    """figure | ratio | goal | against goal | n | checks | load (1-minute average before -> after)."""
-    rows = [("figure", "ratio", "goal", "vs goal", "n", "checks", "load 1m")]
+    """figure | ratio | spread (interquartile range) | goal | against goal | n | checks | load (1-minute
+    average before -> after)."""
+    rows = [("figure", "ratio", "IQR", "goal", "vs goal", "n", "checks", "load 1m")]
     for f in figures:
         met = {True: "pass", False: "fail", None: "n/a"}[f.goal.met(f.ratio)]
         ratio = "n/a" if f.ratio is None else f"{f.ratio:.3f}"
+        spread = "" if f.spread is None else f"{f.spread[0]:.3f}-{f.spread[1]:.3f}"
         failed = [name for name, ok in f.checks.items() if not ok]
         checks = ("FAILED: " + ", ".join(failed)) if failed else ("ok" if f.checks else "-")
         load = f"{f.load_before[0]:.2f} -> {f.load_after[0]:.2f}" if f.load_before and f.load_after else ""
-        rows.append((f.title, ratio, f.goal.text(), met, str(f.n), checks, load))
+        rows.append((f.title, ratio, spread, f.goal.text(), met, str(f.n), checks, load))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

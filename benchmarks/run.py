@@ -1,4 +1,4 @@
-"""CPU benchmarks: ``python -m benchmarks.run [--quick] [--notebooks] [--only 1,3] [--out DIR]``.
+"""CPU benchmarks: ``python -m benchmarks.run [--quick] [--notebooks] [--only 1,3] [--cores 0,1] [--out DIR]``.
 
 Figures (see README.md for the method of each):
 
@@ -42,8 +42,11 @@ torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message="OMP_NUM_THREADS/MKL_NUM_THREADS unset")
 
 from benchmarks.common import (  # noqa: E402  (after the thread setting, on purpose)
+    QUIET_LOAD,
+    QUIET_OTHERS_CORES,
     Figure,
     Goal,
+    OthersOnCores,
     StepClock,
     Steps,
     ab_figure,
@@ -53,6 +56,7 @@ from benchmarks.common import (  # noqa: E402  (after the thread setting, on pur
     between,
     load_average,
     median,
+    pin_cores,
     read_clock,
     results_path,
     side,
@@ -72,10 +76,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 class Settings:
     """Everything that shapes the CPU figures; written into the results file."""
 
-    repeats: int = 5
+    repeats: int = 9
     """A/B pairs per comparison (figures 1, 2, 3, 5b)."""
+    parity_steps: Steps = Steps(warmup=10, measured=200)
+    """Figure 1: a few seconds of steps per run, so that a 1 % difference is not lost in the
+    jitter of a sub-second window."""
     steps: Steps = Steps(warmup=5, measured=50)
-    """Optimizer steps of each timed run in figures 1 and 3."""
+    """Optimizer steps of each timed run in figure 3."""
     dashboard_steps: Steps = Steps(warmup=5, measured=150)
     """Figure 2: long enough to span many dashboard redraws (one per 0.25 s)."""
     parity_shape: MlpShape = MlpShape(inputs=256, hidden=1024, depth=2)
@@ -92,10 +99,13 @@ class Settings:
     """Figure 6: a cell running longer fails its notebook (the goal is 5 minutes for all)."""
     seed: int = 0
     lr: float = 1e-3
+    max_others: float = QUIET_OTHERS_CORES
+    """A pair whose runs other processes took more cores from (on average) fails ``quiet_machine``."""
 
 
 QUICK = Settings(
     repeats=1,
+    parity_steps=Steps(1, 3),
     steps=Steps(1, 3),
     dashboard_steps=Steps(1, 3),
     parity_shape=MlpShape(32, 64, 1),
@@ -137,10 +147,12 @@ def samples_for(opts: dict) -> int:
 
 @dataclass
 class Timed:
-    """One timed run: mean seconds per steady optimizer step, rank 0's torch threads, final weights."""
+    """One timed run: mean seconds per steady optimizer step, rank 0's torch threads and the cores
+    it could run on, final weights."""
 
     seconds: float
     threads: int
+    cores: list[int]
     weights: dict
 
 
@@ -158,7 +170,7 @@ class Runs:
     def _timed(self, clock: StepClock, opts: dict, steps: Steps, weights: dict) -> Timed:
         data = read_clock(self.work, clock.label)
         seconds = steady_seconds_per_step(data["times"], opts["grad_accum"], steps.warmup, steps.measured)
-        return Timed(seconds, data["threads"], weights)
+        return Timed(seconds, data["threads"], data["cores"], weights)
 
     def nexa(self, shape: MlpShape, opts: dict, steps: Steps, sinks=()) -> Timed:
         import nexa_nb
@@ -195,42 +207,51 @@ def loop_parity(s: Settings, work: Path, procs: int) -> Figure:
     the dashboard's cost is figure 2. Checks: both sides end with the same weights (the same
     work was done) and ran with the same number of torch threads.
     """
-    opts = options(s, procs=procs, micro_batch=s.parity_micro_batch, grad_accum=1, steps=s.steps.total)
+    steps = s.parity_steps
+    opts = options(s, procs=procs, micro_batch=s.parity_micro_batch, grad_accum=1, steps=steps.total)
     runs = Runs(work)
     nexa_runs: list[Timed] = []
     hand_runs: list[Timed] = []
 
     def nexa(i):
-        nexa_runs.append(runs.nexa(s.parity_shape, opts, s.steps))
+        nexa_runs.append(runs.nexa(s.parity_shape, opts, steps))
         return 1 / nexa_runs[-1].seconds
 
     def hand(i):
-        hand_runs.append(runs.hand(s.parity_shape, opts, s.steps))
+        hand_runs.append(runs.hand(s.parity_shape, opts, steps))
         return 1 / hand_runs[-1].seconds
 
     log(
         f"figure 1: loop parity, {procs} process(es), {s.parity_shape.params:,} parameters, "
-        f"micro-batch {s.parity_micro_batch}"
+        f"micro-batch {s.parity_micro_batch}, {steps.measured} timed steps"
     )
-    a, b = alternate(s.repeats, nexa, hand, log=log, names=("nexa_nb", "hand"))
+    pairs = alternate(s.repeats, nexa, hand, log=log, names=("nexa_nb", "hand"))
     difference = max(max_difference(x.weights, y.weights) for x, y in zip(nexa_runs, hand_runs))
     threads = {"nexa_nb": sorted({r.threads for r in nexa_runs}), "hand_loop": sorted({r.threads for r in hand_runs})}
+    cores = {
+        "nexa_nb": sorted({tuple(r.cores) for r in nexa_runs}),
+        "hand_loop": sorted({tuple(r.cores) for r in hand_runs}),
+    }
     return ab_figure(
         f"1_loop_parity_{procs}proc",
         f"1 loop parity, {procs} proc",
         at_least(0.99),
         "optimizer steps/s",
         ("nexa_nb", "hand_loop"),
-        a,
-        b,
+        pairs.a,
+        pairs.b,
         checks={
             "same_final_weights": difference == 0.0,
             "same_torch_threads": threads["nexa_nb"] == threads["hand_loop"],
+            "same_cores": cores["nexa_nb"] == cores["hand_loop"] and len(cores["nexa_nb"]) == 1,
         },
+        others=pairs.others,
+        quiet_limit=s.max_others,
         settings=opts,
         model_params=s.parity_shape.params,
         max_weight_difference=difference,
         torch_threads_per_process=threads,
+        cores=cores["nexa_nb"],
     )
 
 
@@ -401,7 +422,8 @@ def accumulation(s: Settings, work: Path) -> Figure:
         f"figure 3: accumulation {s.accum_steps}, 2 processes, {s.accum_shape.params:,} parameters, "
         f"micro-batch {s.accum_micro_batch}"
     )
-    a, b = alternate(s.repeats, nexa, every, log=log, names=("nexa_nb", "sync-every"))
+    pairs = alternate(s.repeats, nexa, every, log=log, names=("nexa_nb", "sync-every"))
+    a, b = pairs.a, pairs.b
     difference = max(max_difference(x.weights, y.weights) for x, y in zip(nexa_runs, every_runs))
     return ab_figure(
         "3_accumulation",
@@ -412,6 +434,8 @@ def accumulation(s: Settings, work: Path) -> Figure:
         a,
         b,
         checks={"same_final_weights_within_1e-5": difference < 1e-5},
+        others=pairs.others,
+        quiet_limit=s.max_others,
         settings=opts,
         model_params=s.accum_shape.params,
         gradient_mib=round(s.accum_shape.params * 4 / 2**20, 2),
@@ -648,15 +672,17 @@ def startup(s: Settings, work: Path) -> Figure:
         return first_step_end(label) - started
 
     log(f"figure 5b: time to the first optimizer step, {opts['procs']} processes")
-    a, b = alternate(s.repeats, nexa, launch, log=log, names=("nexa_nb", "accelerate launch"))
+    pairs = alternate(s.repeats, nexa, launch, log=log, names=("nexa_nb", "accelerate launch"))
     return ab_figure(
         "5b_startup",
         "5b start-up / accelerate launch",
         at_most(1.0),
         "seconds to the end of step 1",
         ("nexa_nb_train", "accelerate_launch"),
-        a,
-        b,
+        pairs.a,
+        pairs.b,
+        others=pairs.others,
+        quiet_limit=s.max_others,
         settings=opts,
         launch_command=" ".join(
             ["accelerate", "launch", "--config_file", Path(files.accelerate_config).name, "train.py"]
@@ -868,33 +894,42 @@ FIGURES = {
 }
 
 
+TIMED = {1, 2, 3, 5, 6}
+"""Figures that time something: other processes' load spoils them (figures 4 and 10 do not)."""
+
+
 def run_figure(number: int, s: Settings, work: Path) -> list[Figure]:
-    """One figure (or its rows), with the load average around each; an error becomes a row that says so."""
+    """One figure (or its rows), with the load average and the other processes' load around
+    each; an error becomes a row that says so."""
     before = load_average()
     started = time.perf_counter()
-    try:
-        figures = FIGURES[number](s, work)
-    except Exception as exc:
-        log(f"figure {number} failed: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        figures = [
-            Figure(
-                f"{number}_error",
-                f"{number} FAILED",
-                None,
-                Goal(),
-                0,
-                details={"error": f"{type(exc).__name__}: {exc}"},
-            )
-        ]
+    with OthersOnCores() as others:
+        try:
+            figures = FIGURES[number](s, work)
+        except Exception as exc:
+            log(f"figure {number} failed: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            figures = [
+                Figure(
+                    f"{number}_error",
+                    f"{number} FAILED",
+                    None,
+                    Goal(),
+                    0,
+                    details={"error": f"{type(exc).__name__}: {exc}"},
+                )
+            ]
     after = load_average()
     for f in figures:
         f.load_before, f.load_after = before, after
         f.details.setdefault("wall_s", round(time.perf_counter() - started, 1))
+        f.details["others_busy_cores"] = round(others.busy, 4)
+        if number in TIMED and not f.key.endswith("_error"):
+            f.checks.setdefault("quiet_machine", others.busy <= s.max_others)
     return figures
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="tiny models, 1 repeat, few steps: checks the harness, not the speed"
@@ -907,20 +942,62 @@ def main(argv: list[str] | None = None) -> int:
         help="also run figure 6, the tutorial notebooks (slow); GLOB picks some, e.g. '02_*'",
     )
     parser.add_argument("--only", metavar="N[,N]", help="run only these figures, e.g. --only 1,3")
-    parser.add_argument("--repeats", type=int, metavar="N", help="A/B pairs per comparison (default 5; 1 with --quick)")
+    parser.add_argument("--repeats", type=int, metavar="N", help="A/B pairs per comparison (default 9; 1 with --quick)")
+    parser.add_argument(
+        "--cores", metavar="LIST", help="pin the harness and both sides to these cores, e.g. 0,1 or 2-3 (default: all)"
+    )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=QUIET_LOAD,
+        metavar="L",
+        help=f"refuse to start above this 1-minute load average (default {QUIET_LOAD})",
+    )
+    parser.add_argument(
+        "--max-others",
+        type=float,
+        default=QUIET_OTHERS_CORES,
+        metavar="C",
+        help=f"flag a pair during which other processes kept more cores busy (default {QUIET_OTHERS_CORES})",
+    )
+    parser.add_argument(
+        "--noisy", action="store_true", help="run above --max-load anyway; the results file is named -noisy"
+    )
     parser.add_argument(
         "--out", metavar="DIR", default=str(RESULTS), help="folder for the results JSON (default benchmarks/results)"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     settings = QUICK if args.quick else Settings()
+    settings = replace(settings, max_others=args.max_others)
     if args.repeats:
         settings = replace(settings, repeats=args.repeats)
     if args.notebooks:
         settings = replace(settings, notebooks=args.notebooks)
     numbers = [int(n) for n in args.only.split(",")] if args.only else [1, 2, 3, 4, 5] + ([6] if args.notebooks else [])
+    try:
+        cores = pin_cores(args.cores)
+    except (ValueError, OSError) as exc:
+        usable = sorted(os.sched_getaffinity(0))
+        print(f"benchmarks.run: --cores {args.cores}: {exc}; give cores among {usable}, e.g. 0,1", file=sys.stderr)
+        return 2
     load_before = load_average()
-    log(f"load average before: {load_before}; figures {numbers}; {'quick' if args.quick else 'full'} settings")
+    busy = bool(load_before) and load_before[0] > args.max_load
+    if busy and not args.quick and not args.noisy and TIMED & set(numbers):
+        print(
+            f"benchmarks.run: the 1-minute load average is {load_before[0]}, above {args.max_load}: the figures would "
+            "measure the other processes. Wait for a quiet machine (see benchmarks/README.md), or pass --noisy "
+            "to run anyway (the results file is then named -noisy)",
+            file=sys.stderr,
+        )
+        return 2
+    log(
+        f"load average before: {load_before}; cores {cores}; figures {numbers}; "
+        f"{'quick' if args.quick else 'full'} settings"
+    )
 
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="nexa-bench-") as tmp:
@@ -928,18 +1005,29 @@ def main(argv: list[str] | None = None) -> int:
             figures += run_figure(number, settings, Path(tmp))
     load_after = load_average()
 
-    path = results_path(args.out, "cpu", "-quick" if args.quick else "")
+    noisy = busy or not all(f.checks.get("quiet_machine", True) for f in figures)
+    suffix = "-quick" if args.quick else ("-noisy" if noisy else "")
+    path = results_path(args.out, "cpu", suffix)
     write_results(
         path,
         device="cpu",
-        settings={**asdict(settings), "figures_run": numbers, "quick": args.quick},
+        settings={
+            **asdict(settings),
+            "figures_run": numbers,
+            "quick": args.quick,
+            "cores": cores,
+            "max_load": args.max_load,
+            "noisy": noisy,
+        },
         figures=figures,
         load_before=load_before,
         load_after=load_after,
     )
     print()
     print(table(figures))
-    print(f"\nload average (1, 5, 15 min): before {load_before}, after {load_after}")
+    print(f"\nload average (1, 5, 15 min): before {load_before}, after {load_after}; cores {cores}")
+    if noisy and not args.quick:
+        print("the machine was not quiet (see the quiet_machine checks): these figures measure its other load too")
     print(f"results: {path}")
     return 1 if any(f.key.endswith("_error") for f in figures) else 0  # goals are informational
 

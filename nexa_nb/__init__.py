@@ -22,6 +22,11 @@ _EXPORTS = {
     "TrainResult": "nexa_nb.api",
     "TrainingError": "nexa_nb.errors",
     "memory_table": "nexa_nb.memory",
+    "attach": "nexa_nb.api",
+    "DetachedRun": "nexa_nb.api",
+    "stop": "nexa_nb.runs",
+    "runs_table": "nexa_nb.overview",
+    "compare_svg": "nexa_nb.overview",
 }
 
 __all__ = sorted(_EXPORTS) + ["load_ipython_extension", "unload_ipython_extension"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,30 @@ class TrainResult:
     distributed_type: str
     num_processes: int
     status: str = "completed"
-    """"completed" or "interrupted"."""
+    """"completed", "interrupted" or "failed"."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
     model_dir: str | None = None
     """The folder the workers wrote the trained model into (the plan's output_dir); None unless completed."""
     task: Task | None = field(default=None, repr=False)
     message: str = ""
+    error: str = ""
+    """Why a failed run failed: the error `train` raised."""
+    traceback: str = field(default="", repr=False)
+    """The failing worker's traceback, when a worker failed."""
+    run_dir: str | None = None
+    """The run's record (`nexa_nb.runs`): plan, events, this result, the workers' logs."""
+    logs: list[str] = field(default_factory=list)
+    """The workers' log files, in the record."""
+
+    @property
+    def accumulation_stats(self):
+        """`nexa_nb.accumulation.AccumulationStats` of rank 0 over the run's steps (mean gradient
+        norm, mean and peak memory, mean time per accumulation cycle, optimizer and micro-steps),
+        from the run's record; None without one."""
+        from nexa_nb.accumulation import accumulation_stats
+        from nexa_nb.runs import Run
+
+        return accumulation_stats(Run(self.run_dir).events()) if self.run_dir else None
 
     def __repr__(self) -> str:
         loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
@@ -57,22 +75,66 @@ class TrainResult:
             message=outcome.message,
         )
 
+    @classmethod
+    def failed(cls, error: BaseException, plan: Plan, task: Task, run_dir: str | None) -> TrainResult:
+        """The result of a run that raised `error`: the history up to the failure, from its record."""
+        from nexa_nb import runs
+
+        history = runs.history_of(runs.Run(run_dir).events()) if run_dir else []
+        message = str(error) if isinstance(error, TrainingError) else f"{type(error).__name__}: {error}"
+        return cls(
+            history=history,
+            final_loss=history[-1]["loss"] if history else None,
+            plan=plan,
+            checkpoint_dir=_newest(_checkpoints(plan)),
+            distributed_type=plan.distributed_type,
+            num_processes=plan.procs,
+            status="failed",
+            task=task,
+            message=message,
+            error=message,
+            traceback=getattr(error, "worker_traceback", ""),
+            run_dir=run_dir,
+        )
+
+    @classmethod
+    def from_record(cls, run) -> TrainResult:
+        """The result a `runs.Run` holds, with its plan made again from the recorded configuration."""
+        from nexa_nb import runs
+
+        data = run.result()
+        if data is None:
+            raise TrainingError(f"run {run.name} has not ended yet; follow it with %nexa_attach {run.name}")
+        names = {f.name for f in fields(cls)} - {"plan", "task"}
+        return cls(plan=runs.plan_from_record(run.info()["plan"]), **{k: v for k, v in data.items() if k in names})
+
+    def record_fields(self) -> dict[str, Any]:
+        """What a run record keeps of this result: everything but the plan (kept apart) and the task."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("plan", "task")}
+
     @property
     def losses(self) -> list[float]:
         return [h["loss"] for h in self.history]
 
-    def trained_model(self, *, merge: bool = True):
+    def trained_model(self, *, merge: bool = True, task: Task | None = None):
         """The trained model, loaded in this kernel from `model_dir`, on the CPU.
 
         A model of the task's (a fresh one from its factory, or a copy of its module) with the
         final weights; a transformers model through its class's ``from_pretrained``. LoRA adapters
-        come merged into the base model, or with ``merge=False`` as the ``PeftModel``.
+        come merged into the base model, or with ``merge=False`` as the ``PeftModel``. A result
+        read from a run record (`attach`) holds no task: pass it as `task`.
         """
         from nexa_nb.engine.final_model import load_model
 
-        if self.model_dir is None or self.task is None:
+        task = task or self.task
+        if self.model_dir is None:
             raise TrainingError(f"this result holds no trained model (the run is {self.status}, not completed)")
-        return load_model(self.model_dir, self.task, merge=merge)
+        if task is None:
+            raise TrainingError(
+                "this result was read from a run record, which holds no task to rebuild the model from; "
+                "pass it: result.trained_model(task=task)"
+            )
+        return load_model(self.model_dir, task, merge=merge)
 
 
 _last: TrainResult | None = None
@@ -91,40 +153,134 @@ def train(
     sinks: Iterable | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     **options: Any,
-) -> TrainResult:
+) -> TrainResult | DetachedRun:
     """Train `task`; keyword options are `TrainConfig` fields (zero=3, precision="bf16", procs=2, ...).
 
     Options layer over ``config`` (an accelerate YAML or DeepSpeed JSON), the environment
     variables and ``session`` defaults; see `nexa_nb.config`. Bad input raises `ConfigError`
     or `TrainingError` before any process starts. ``on_plan`` sees the checked plan just
-    before the workers start (the magics print it).
+    before the workers start (the magics print it). Every run writes a record
+    (`nexa_nb.runs`); with ``detach=True`` the run trains in a process of its own
+    (`nexa_nb.detach`) and a `DetachedRun` comes back at once.
     """
-    global _last
-    from nexa_nb.launch import launch
     from nexa_nb.op_builds import compile_note
-    from nexa_nb.sinks.console import ConsoleSink
+    from nexa_nb.runs import RunWriter, start_job, start_runner
 
+    if isinstance(options.get("slurm"), Mapping):  # train(slurm={"partition": "debug"}): read as the flag's text
+        from nexa_nb.slurm import spec_text
+
+        options = {**options, "slurm": spec_text(options["slurm"])}
     cfg = resolve_config(config_file=config, session=session, arguments=options)
     plan = prepare(task, cfg)
+    elsewhere = cfg.detach or cfg.slurm is not None
+    task_bytes = _task_bytes(task, cfg) if elsewhere else b""  # before the record: a task that cannot go writes nothing
+    record = RunWriter.create(plan, task.name, where="kernel" if not elsewhere else "detached")
+    plan = record.plan  # its model folder is in the record unless --output-dir or --ckpt-dir says otherwise
     if on_plan is not None:
         on_plan(plan)
+    if cfg.slurm is not None:
+        from nexa_nb.slurm import parse_spec
+
+        return DetachedRun(str(record.folder), None, start_job(record, task_bytes, parse_spec(cfg.slurm)))
+    if cfg.detach:
+        return DetachedRun(str(record.folder), start_runner(record, task_bytes))
+    from nexa_nb.sinks.console import ConsoleSink
+
     sinks = [ConsoleSink()] if sinks is None else list(sinks)
     compiling = compile_note(plan)
     if compiling is not None:  # the wait before the first step, said where the user looks
         for sink in sinks:
             sink.handle(Note(compiling))
-    while True:
-        saved_before = _checkpoints(plan)
-        try:
-            outcome = launch(plan, task, sinks)
-            break
-        except TrainingError as exc:
-            if exc.worker_error != "OutOfMemoryError":
-                raise
-            plan = smaller_micro_batch(plan, exc.rank, resume=_newest(_checkpoints(plan) - saved_before))
-            for sink in sinks:
-                sink.handle(Note(plan.notes[-1]))
+    return run_recorded(plan, task, sinks, record)
+
+
+def _task_bytes(task: Task, cfg: TrainConfig) -> bytes:
+    """The task saved for a process of its own; a Slurm job first needs Slurm and submitit here."""
+    from nexa_nb.export import task_by_value
+
+    if cfg.slurm is not None:
+        from nexa_nb.slurm import missing
+
+        problem = missing()
+        if problem:
+            raise TrainingError(problem)
+    return task_by_value(task)
+
+
+@dataclass
+class DetachedRun:
+    """What ``train(..., detach=True)`` (or ``slurm=...``) returns at once: the run's record, and the
+    process (or Slurm job) training it."""
+
+    run_dir: str
+    pid: int | None
+    job: str | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.run_dir).name
+
+    def status(self) -> str:
+        from nexa_nb.runs import Run
+
+        return Run(self.run_dir).status()
+
+    def result(self, sinks: Iterable = ()) -> TrainResult:
+        """Follow the run until it ends (into `sinks`, if any) and return its result."""
+        return attach(self.run_dir, sinks)
+
+    def stop(self) -> str:
+        from nexa_nb.runs import stop
+
+        return stop(self.run_dir)
+
+    def __repr__(self) -> str:
+        where = f"Slurm job {self.job}" if self.job else f"pid {self.pid}"
+        return f"DetachedRun({self.name}, {where}, {self.status()}; follow it with %nexa_attach {self.name})"
+
+
+def attach(name: str | os.PathLike, sinks: Iterable = (), *, root: str | os.PathLike = "nexa_runs") -> TrainResult:
+    """Replay run `name`'s record (its name under `root`, or its folder) into `sinks`, follow it
+    until it ends, and return its `TrainResult`: from any kernel, while it runs or after."""
+    from nexa_nb import runs
+
+    run = runs.find_run(name, root)
+    runs.follow(run, sinks)
+    return TrainResult.from_record(run)
+
+
+def run_recorded(plan: Plan, task: Task, sinks: list, record) -> TrainResult:
+    """Launch, retrying after an out-of-memory error; the result goes to the record and `last_result`.
+
+    A failed run raises its `TrainingError` after its result (status "failed", the history
+    so far, the error, the logs) is written and kept as `last_result()`.
+    """
+    global _last
+    from nexa_nb.launch import launch
+    from nexa_nb.runs import Run, history_of
+
+    run_dir = str(record.folder)
+    try:
+        while True:
+            saved_before = _checkpoints(plan)
+            try:
+                outcome = launch(plan, task, sinks, record)
+                break
+            except TrainingError as exc:
+                if exc.worker_error != "OutOfMemoryError":
+                    raise
+                plan = smaller_micro_batch(plan, exc.rank, resume=_newest(_checkpoints(plan) - saved_before))
+                for sink in [*sinks, record]:
+                    sink.handle(Note(plan.notes[-1]))
+    except BaseException as exc:  # a worker's failure, or an interrupt outside the workers' run
+        _last = TrainResult.failed(exc, plan, task, run_dir)
+        _last.logs = record.finish(_last.record_fields())
+        raise
     _last = TrainResult.from_outcome(outcome, plan, task)
+    _last.run_dir = run_dir
+    if not _last.history:  # interrupted before rank 0 could send its own: what the record saw
+        _last.history = history_of(Run(run_dir).events())
+    _last.logs = record.finish(_last.record_fields())
     return _last
 
 
@@ -173,6 +329,8 @@ def _newest(paths: set[str]) -> str | None:
 
 def prepare(task: Task, cfg: TrainConfig) -> Plan:
     """Check the task against the config in the kernel, and plan; nothing is started or written."""
+    from nexa_nb.op_builds import check_nvme_offload
+
     if not isinstance(task, Task):
         raise TrainingError(
             f"expected a nexa_nb.Task, got {type(task).__name__}; "
@@ -189,8 +347,27 @@ def prepare(task: Task, cfg: TrainConfig) -> Plan:
     plan = replace(
         make_plan(cfg, total_params=total, largest_layer_params=largest), output_dir=resolve_output_dir(cfg, task.name)
     )
-    preflight(task, plan)
-    return plan
+    check_nvme_offload(plan)
+    first = preflight(task, plan)
+    notes = first.notes
+    if cfg.resume and cfg.offload_optimizer == "nvme":
+        notes += (
+            "DeepSpeed resumes NVMe-offloaded optimizer state only for tensors of 1 MiB or more (those it swaps "
+            "to disk); the Adam moments of smaller ones (biases, norms) start again, so the resumed curve "
+            "departs slightly from an uninterrupted run after the first step",
+        )
+    if cfg.zero == 3 and not task.model_is_factory():
+        notes += (
+            "Task.model is a module, so the whole model is built in this kernel before ZeRO-3 partitions it; "
+            "pass a function that builds it (Task(make_model, ...)) to build only each rank's share",
+        )
+    planned = make_plan(
+        cfg,
+        total_params=first.total_params or total,
+        largest_layer_params=first.largest_layer_params or largest,
+        activations=first.activations,
+    )
+    return replace(planned, output_dir=plan.output_dir, notes=(*planned.notes, *notes))
 
 
 def _param_counts(task: Task) -> tuple[int | None, int | None]:
@@ -208,17 +385,17 @@ def _param_counts(task: Task) -> tuple[int | None, int | None]:
     return None, None
 
 
-def preflight(task: Task, plan: Plan) -> None:
-    """Catch bad data and models in the kernel, before any worker exists."""
-    from torch import nn
-
+def preflight(task: Task, plan: Plan):
+    """Catch bad data and models in the kernel, before any worker exists; returns what tracing
+    the first step found (`nexa_nb.activations.FirstStep`)."""
     from nexa_nb.engine.runtime import is_stream, run_length
 
     data = task.train_data
     if not is_stream(data):
         _check_map_style(data)
     run_length(data, plan)
-    batch = _first_batch(task, plan.micro_batch)
+    samples = _first_samples(data, plan.micro_batch)
+    batch = _first_batch(task, samples)
     if is_stream(task.eval_data):
         raise TrainingError(
             f"eval_data is a stream ({type(task.eval_data).__name__}); streams serve as train_data only, and "
@@ -228,11 +405,11 @@ def preflight(task: Task, plan: Plan) -> None:
     if task.eval_data is not None and not (hasattr(task.eval_data, "__len__") and len(task.eval_data) > 0):
         raise TrainingError("eval_data is empty or has no length; pass a non-empty dataset or None")
     _check_scoring(task)
-    if isinstance(task.model, nn.Module):
-        _check_forward(task, batch)
+    first = _check_first_step(task, plan, samples, batch)
     if plan.config.resume:
         _check_resume(plan)
     _check_outputs(task, plan)
+    return first
 
 
 def _check_map_style(data) -> None:
@@ -246,13 +423,13 @@ def _check_map_style(data) -> None:
         raise TrainingError("train_data is empty; give the task at least one batch of samples")
 
 
-def _first_batch(task: Task, size: int):
+def _first_batch(task: Task, samples: list):
     """The first batch as the workers will build it, refused here when the default forward cannot take it."""
     from torch.utils.data import default_collate
 
     from nexa_nb.engine.batches import batch_problem
 
-    samples = _first_samples(task.train_data, size)
+    size = len(samples)
     collate = task.collate_fn or default_collate
     try:
         batch = collate(samples)
@@ -337,6 +514,36 @@ def _check_predictions(predictions) -> None:
             )
 
 
+def _check_first_step(task: Task, plan: Plan, samples: list, batch):
+    """The first training step on fake tensors, in a process of its own (`nexa_nb.activations`): the
+    model built without memory (a factory too), one forward, loss and backward of the first batch, so
+    that a known mistake in the inputs, labels or loss is one line with its fix here; and the
+    activations it needs, for the memory plan.
+
+    Other failures are not refused for it: a module gets the real no-grad forward instead (which
+    refuses what fails for real), a factory is left to the workers.  The batch of twice the
+    micro-batch (for the bytes per sample) repeats the first samples, collated as the first batch is."""
+    from torch import nn
+    from torch.utils.data import default_collate
+
+    from nexa_nb.activations import trace_apart
+
+    def check(outputs, batch):
+        _check_predictions(task.predict(outputs, batch))
+
+    # `predict` is meant for eval batches, which may hold more than a train batch (ids): as before,
+    # it is tried on the train batch for a module only
+    checks_predict = task.predict is not None and isinstance(task.model, nn.Module)
+    try:
+        twice = (task.collate_fn or default_collate)(samples + samples)  # padded as the first batch is
+    except Exception:  # a collate_fn for one size only: the first batch's tensors are repeated instead
+        twice = None
+    first = trace_apart(task, plan, batch, check=check if checks_predict else None, twice=twice)
+    if not first.activations and isinstance(task.model, nn.Module):
+        _check_forward(task, batch)
+    return first
+
+
 def _check_forward(task: Task, batch) -> None:
     """One no-grad forward of the first batch: catches wrong inputs and a missing loss up front."""
     import torch
@@ -395,4 +602,4 @@ def _check_resume(plan: Plan) -> None:
     check_resumable(read_checkpoint_state(resume_path(plan.config)), plan)
 
 
-__all__ = ["ConfigError", "TrainResult", "TrainingError", "last_result", "prepare", "train"]
+__all__ = ["ConfigError", "DetachedRun", "TrainResult", "TrainingError", "attach", "last_result", "prepare", "train"]

@@ -5,6 +5,9 @@ Layers, later wins:
     defaults < accelerate config YAML < DeepSpeed JSON < environment variables
              < session defaults (``%nexa_config``) < explicit arguments
 
+The config files are the one passed (``config=``), else those ``ACCELERATE_CONFIG_FILE`` and
+``DEEPSPEED_CONFIG_FILE`` name.
+
 `resolve_config` returns a `TrainConfig` whose `sources` maps every field that is not a
 default to the layer that set it, so ``%nexa_config`` can say why a value is what it is.
 The settings themselves, and the keys and variables that feed each, are declared in
@@ -47,6 +50,7 @@ __all__ = [
     "validate",
     "read_config_file",
     "read_environment",
+    "read_config_file_variables",
 ]
 
 
@@ -370,6 +374,43 @@ def read_environment(environ: Mapping[str, str] | None = None) -> list[tuple[str
         on = _env_bool("USE_DEEPSPEED", env["USE_DEEPSPEED"])
         stage = _env_int("DEEPSPEED_ZERO_STAGE", env.get("DEEPSPEED_ZERO_STAGE", "2"))
         layers.append(("env:USE_DEEPSPEED", {"zero": stage if on else None}))
+    if "ENABLE_MIXED_PRECISION" in env:
+        if not _env_bool("ENABLE_MIXED_PRECISION", env["ENABLE_MIXED_PRECISION"]):
+            layers.append(("env:ENABLE_MIXED_PRECISION", {"precision": "no"}))
+        elif "ACCELERATE_MIXED_PRECISION" not in env:  # on, without saying which: the flags' --fp16
+            layers.append(("env:ENABLE_MIXED_PRECISION", {"precision": "fp16"}))
+    if _env_bool("DEEPSPEED_CPU_CHECKPOINTING", env.get("DEEPSPEED_CPU_CHECKPOINTING", "")):
+        raise ConfigError(
+            "env DEEPSPEED_CPU_CHECKPOINTING",
+            "DeepSpeed's CPU activation checkpointing applies to models that checkpoint through "
+            "deepspeed.checkpointing; nexa_nb's --grad-ckpt (and transformers') checkpoint through torch",
+            "unset DEEPSPEED_CPU_CHECKPOINTING; --grad-ckpt recomputes activations instead of keeping them, "
+            "and --offload-param cpu moves the weights out of device memory",
+        )
+    return layers
+
+
+CONFIG_FILE_VARIABLES = {"ACCELERATE_CONFIG_FILE": (".yaml", ".yml"), "DEEPSPEED_CONFIG_FILE": (".json",)}
+"""Environment variables naming a config file, read as the config-file layer when no file is passed."""
+
+
+def read_config_file_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The files that ``ACCELERATE_CONFIG_FILE`` and ``DEEPSPEED_CONFIG_FILE`` name, in that order,
+    each layer's source saying which variable brought it (``env:DEEPSPEED_CONFIG_FILE (ds.json)``)."""
+    env = os.environ if environ is None else environ
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for variable, suffixes in CONFIG_FILE_VARIABLES.items():
+        path = env.get(variable, "").strip()
+        if not path:
+            continue
+        if Path(path).suffix.lower() not in suffixes or not Path(path).expanduser().is_file():
+            kind = "accelerate config YAML" if ".yaml" in suffixes else "DeepSpeed JSON"
+            raise ConfigError(
+                f"env {variable}",
+                f"{path!r} is not an existing {kind} file",
+                f"point {variable} at one (like the files in configs/), or unset it",
+            )
+        layers += [(f"env:{variable} ({source})", values) for source, values in read_config_file(path)]
     return layers
 
 
@@ -389,8 +430,8 @@ def resolve_config(
     long name or alias (``offload="cpu"``), or a shortcut (``bf16=True``).
     """
     layers: list[tuple[str, Mapping[str, Any]]] = []
-    if config_file is not None:
-        layers += read_config_file(config_file)
+    # A file passed here replaces those the environment names, as accelerate's --config_file does.
+    layers += read_config_file(config_file) if config_file is not None else read_config_file_variables(environ)
     layers += read_environment(environ)
     if session:
         layers.append(("session", canonical(session, "session")))
@@ -482,6 +523,15 @@ def validate(cfg: TrainConfig) -> None:
             "pass only one of --grad-accum and --target-batch",
         )
 
+    # memory plan
+    need(
+        cfg.memory_safety_margin < cfg.max_memory_usage,
+        "memory_safety_margin",
+        f"a margin of {cfg.memory_safety_margin} leaves nothing of max_memory_usage {cfg.max_memory_usage} "
+        "to plan with",
+        f"pass --memory-safety-margin below {cfg.max_memory_usage} (0.1 is the default)",
+    )
+
     _check_folders(cfg, need)
 
 
@@ -523,7 +573,7 @@ def _layer_rank(source: str) -> int:
     """Where a source sits in the layer order: default < file < env < session < argument."""
     if source == "default":
         return 0
-    if source.startswith("env:"):
+    if source.startswith("env:") and source.split()[0].removeprefix("env:") not in CONFIG_FILE_VARIABLES:
         return 2
     return {"session": 3, "argument": 4}.get(source, 1)
 

@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import pprint
-import re
 import shlex
 import string
 import sys
@@ -53,6 +52,7 @@ import cloudpickle
 from nexa_nb.config import ConfigError, TrainConfig
 from nexa_nb.errors import TrainingError
 from nexa_nb.plan import Plan, make_plan, resolve_output_dir
+from nexa_nb.runs import secret_values
 from nexa_nb.task import Task
 
 
@@ -296,7 +296,9 @@ def _culprit(obj: Any, path: str, seen: set[int], depth: int = 0) -> tuple[str, 
     return path, obj, error
 
 
-def _unserialisable(task_var: str, by_value: dict[str, Any], error: BaseException) -> TrainingError:
+def _unserialisable(
+    task_var: str, by_value: dict[str, Any], error: BaseException, action: str = "export the task"
+) -> TrainingError:
     found = None
     for name, value in by_value.items():
         found = _culprit(value, f"{task_var}.{name}", set())
@@ -306,21 +308,33 @@ def _unserialisable(task_var: str, by_value: dict[str, Any], error: BaseExceptio
     what = f" is a {type(obj).__name__}, which" if obj is not None else ""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return TrainingError(
-        f"cannot export the task: {where}{what} cannot be saved ({type(error).__name__}: {reason}); "
+        f"cannot {action}: {where}{what} cannot be saved ({type(error).__name__}: {reason}); "
         "define it in a module, where the script can import it, or make the task's data a list or a torch Dataset"
     )
 
 
-# --- secrets and files -----------------------------------------------------------------------
+def task_by_value(task: Task, task_var: str = "task") -> bytes:
+    """The whole task saved by value (``torch.save`` with cloudpickle), for a process of its own
+    to load with `task_from_bytes`; a part that cannot be saved raises the `TrainingError` naming it."""
+    by_value = {f.name: getattr(task, f.name) for f in dataclasses.fields(Task) if getattr(task, f.name) is not None}
+    try:
+        return _save_by_value(by_value)[0]
+    except Exception as exc:
+        raise _unserialisable(task_var, by_value, exc, "detach the run") from None
 
-_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
+
+def task_from_bytes(data: bytes) -> Task:
+    import torch
+
+    return Task(**torch.load(io.BytesIO(data), weights_only=False))
+
+
+# --- secrets and files -----------------------------------------------------------------------
 
 
 def _check_no_secrets(files: dict[Path, bytes]) -> None:
     """Refuse to write the value of a secret-looking environment variable (a tracker token...)."""
-    for name, value in os.environ.items():
-        if len(value) < 8 or not _SECRET_NAME.search(name):
-            continue
+    for value, name in secret_values().items():
         for path, data in files.items():
             if value.encode() in data:
                 raise TrainingError(
@@ -348,6 +362,26 @@ def _write_all(files: dict[Path, bytes]) -> None:
 
 
 # --- the script ------------------------------------------------------------------------------
+
+
+def sbatch_script(spec: str, command: str, script: Path) -> str:
+    """An sbatch script that runs `command` as a job of one node. Its options come from the parsed
+    spec (known keys, checked values: `slurm.parse_spec`), never from the spec's text."""
+    from nexa_nb.slurm import NAME, parse_spec
+
+    options = {"job_name": "nexa", **parse_spec(spec), "nodes": 1, "ntasks_per_node": 1}
+    if NAME.fullmatch(script.stem):  # sbatch reads this line without a shell: a plain name only
+        options["output"] = f"{script.stem}.%j.out"
+    lines = ["#!/bin/bash", "# Written by nexa_nb %nexa_export --slurm: the exported script as a Slurm job."]
+    lines += [f"#SBATCH --{name.replace('_', '-')}={value}" for name, value in options.items()]
+    return "\n".join([*lines, "", command, ""])
+
+
+def launcher() -> list[str]:
+    """``accelerate launch`` through the kernel's own Python: it runs as printed from a shell whose
+    PATH lacks the environment's ``accelerate`` (a kernel started without activating it)."""
+    return [sys.executable, "-m", "accelerate.commands.launch"]
+
 
 _SCRIPT = string.Template('''\
 r"""Train the nexa_nb task $name (`$task_var` in the notebook) under accelerate launch.
@@ -450,6 +484,8 @@ def _script(
     )
     values = config.as_dict()
     values["output_dir"] = resolve_output_dir(config, task.name)
+    for name in ("run_dir", "detach", "slurm"):  # the script writes no run record and runs where it is started
+        del values[name]
     if config.target_batch is not None:
         del values["grad_accum"]  # derived from target_batch for the world the script runs in
     config_literal = pprint.pformat(values, sort_dicts=False, width=100)
@@ -524,15 +560,20 @@ def export_script(
         modules |= imported
     task_file = pkl_path if by_value else None
 
-    command = shlex.join(["accelerate", "launch", "--config_file", str(yaml_path), str(script)])
+    command = shlex.join([*launcher(), "--config_file", str(yaml_path), str(script)])
     files[script] = _script(task, task_var, config, command, references, task_file and task_file.name).encode()
     files[yaml_path] = accelerate_yaml(config).encode()
+    sbatch_path = script.with_suffix(".sbatch")
+    if config.slurm is not None:
+        files[sbatch_path] = sbatch_script(config.slurm, command, script).encode()
     _check_no_secrets(files)
     _write_all(files)
 
     explanation = _explain(
         task_var, config, plan, script, yaml_path, task_file, references, by_value, _required_modules(modules), command
     )
+    if config.slurm is not None:
+        explanation += f"\nFor Slurm: {sbatch_path} runs the same command as a job of one node: sbatch {sbatch_path}"
     return ExportedFiles(
         script=str(script),
         accelerate_config=str(yaml_path),
@@ -581,7 +622,7 @@ def _explain(
         "  (the script's --history-out FILE keeps the losses as JSON).",
         "On 2 machines, each with the script, its files and the same packages, run on machine R = 0 and R = 1:",
         (
-            f"  accelerate launch --config_file {shlex.quote(str(yaml_path))}{multi} --num_machines 2 "
+            f"  {shlex.join(launcher())} --config_file {shlex.quote(str(yaml_path))}{multi} --num_machines 2 "
             f"--num_processes {2 * config.procs} --machine_rank R --main_process_ip IP --main_process_port P "
             f"{shlex.quote(str(script))}"
         ),

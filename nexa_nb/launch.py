@@ -14,7 +14,7 @@ What upstream gets wrong on this path, and what this module does about it:
   -> the explicit backend makes Accelerate count the processes; the DeepSpeed config
   carries an explicit ``train_batch_size``.
 * Results do not come back from workers, and prints are all one sees.
-  -> workers put events on a fork-context queue; a thread in the kernel drains it into
+  -> workers put events on a fork-context pipe; a thread in the kernel drains it into
   the sinks, and rank 0 sends its outcome last.
 * "Address already in use" on a re-run -> a free port is picked for every launch.
 * CUDA initialised in the kernel breaks the fork -> refused before launching, with the fix.
@@ -48,6 +48,7 @@ import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from typing import Any
 
 from nexa_nb import events as ev
@@ -191,13 +192,13 @@ def native_output_to(path: str) -> None:
 ALL_FORKED_TIMEOUT_S = 120
 
 
-def _worker(plan: Plan, task: Task, queue, log_dir: str, all_forked) -> None:
+def _worker(plan: Plan, task: Task, channel: EventChannel, log_dir: str, all_forked) -> None:
     """Entry point of every rank. Never lets an exception leave without reporting it."""
     from nexa_nb.engine.loop import run
 
     rank = int(os.environ.get("RANK", "0"))
     native_output_to(os.path.join(log_dir, f"rank{rank}.log"))
-    emit = EventBatcher(queue.put)
+    emit = EventBatcher(channel.put)
     try:
         all_forked.wait(ALL_FORKED_TIMEOUT_S)
         if plan.procs == 1 and plan.deepspeed_config is None:
@@ -209,16 +210,17 @@ def _worker(plan: Plan, task: Task, queue, log_dir: str, all_forked) -> None:
 
             torch.set_num_threads(int(plan.worker_env["OMP_NUM_THREADS"]))
         quiet_libraries(rank)
+        set_library_log_level(plan.config.log_level)
         outcome = run(plan, task, emit)
         emit.flush()
         if rank == 0:
-            queue.put(WorkerDone(pickle.dumps(outcome)))
+            channel.put(WorkerDone(pickle.dumps(outcome)))
     except KeyboardInterrupt:
         emit.flush()
         raise
     except BaseException as exc:
         emit.flush()
-        queue.put(WorkerFailed(rank, type(exc).__name__, str(exc), traceback.format_exc()))
+        channel.put(WorkerFailed(rank, type(exc).__name__, str(exc), traceback.format_exc()))
         raise
 
 
@@ -299,6 +301,8 @@ def quiet_libraries(rank: int) -> None:
         warnings.simplefilter("ignore")
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
+    # DeepSpeed steps the optimizer inside its engine, which Accelerate's scheduler wrapper cannot see.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
     sys.stdout = WithoutLines(sys.stdout, LIBRARY_BANNERS)
     if "transformers" in sys.modules:  # imported by the kernel, so a task that uses it: not imported for others
         from transformers.utils import logging as transformers_logging
@@ -308,60 +312,113 @@ def quiet_libraries(rank: int) -> None:
             transformers_logging.set_verbosity_error()
 
 
-class _Drain:
-    """A thread that moves worker events from the queue into the sinks.
+def set_library_log_level(level: str | None) -> None:
+    """``--log-level`` / ``ACCELERATE_LOG_LEVEL`` in a worker: the level of accelerate's, DeepSpeed's
+    and transformers' loggers (accelerate reads the variable when a logger is made; set both)."""
+    if level is None:
+        return
+    os.environ["ACCELERATE_LOG_LEVEL"] = level.upper()
+    for name in ("accelerate", "DeepSpeed", "transformers"):
+        logging.getLogger(name).setLevel(level.upper())
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
 
-    It is stopped by a thread event, never by a message on the queue: a worker killed by a
-    signal in the middle of a write (the elastic agent's SIGTERM or SIGKILL after an
-    interrupt) leaves the queue's writer lock taken for good, and a put from the kernel
-    would wait on it forever.
+        transformers_logging.set_verbosity(logging.getLevelName(level.upper()))
+
+
+class EventChannel:
+    """Workers -> kernel: pickled messages over one pipe, the writers taking turns under a lock
+    (what multiprocessing's SimpleQueue is), plus a stop pipe of the kernel's own.
+
+    The kernel's reader sleeps until a message or the stop arrives (no polling: a reader that
+    wakes 20 times a second takes CPU from a worker on a small machine), and the kernel never
+    writes to the workers' pipe: a worker killed by a signal in the middle of a write (the
+    elastic agent's SIGTERM or SIGKILL after an interrupt) keeps the writers' lock for good, and
+    a write from the kernel would wait on it for ever.
     """
 
-    POLL_S = 0.05
+    def __init__(self, context):
+        self._reader, self._writer = context.Pipe(duplex=False)
+        self._lock = context.Lock()
+        self._stop_reader, self._stop_writer = context.Pipe(duplex=False)
 
-    def __init__(self, queue, sinks: Iterable[ev.Sink]):
-        self.queue = queue
+    def put(self, message) -> None:
+        """Send `message` (a worker's)."""
+        data = pickle.dumps(message)
+        with self._lock:
+            self._writer.send_bytes(data)
+
+    def get(self):
+        """The next message (kernel side), or None once `stop` was called and every message sent
+        before it was read. A message that cannot be unpickled raises; the next call goes on."""
+        while not self._reader.poll():
+            if self._stop_reader.poll():
+                return None
+            wait([self._reader, self._stop_reader])
+        return pickle.loads(self._reader.recv_bytes())
+
+    def stop(self) -> None:
+        self._stop_writer.send_bytes(b"")
+
+    def close(self) -> None:
+        """The kernel's ends; the workers' copies went with them."""
+        for end in (self._reader, self._writer, self._stop_reader, self._stop_writer):
+            end.close()
+
+
+class _Drain:
+    """A thread that moves worker events from the channel into the sinks (and the run record)."""
+
+    def __init__(self, channel: EventChannel, sinks: Iterable[ev.Sink], record=None):
+        """`record`, when given, is the run's `runs.RunWriter`: each batch of events the sinks
+        were shown is appended to it in one write."""
+        self.channel = channel
         self.sinks = list(sinks)
+        self.record = record
         self.outcome = None
         self.failures: list[WorkerFailed] = []
         self.lost: list[str] = []
         self.last_step = 0
         self.ended = False
-        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="nexa-drain", daemon=True)
 
     def _loop(self) -> None:
         while True:
-            if self.queue.empty():
-                if self.stopped.is_set():  # the workers have ended and everything they sent is shown
-                    return
-                self.stopped.wait(self.POLL_S)
-                continue
             try:
-                item = self.queue.get()
+                item = self.channel.get()
+            except (OSError, EOFError):  # the kernel closed the channel after giving up on a torn message
+                return
             except Exception as exc:  # an event that cannot be unpickled must not end the drain
                 self.lost.append(f"{type(exc).__name__}: {exc}")
                 continue
+            if item is None:  # the workers have ended and everything they sent is shown
+                return
             if isinstance(item, WorkerDone):
                 self.outcome = pickle.loads(item.payload)
             elif isinstance(item, WorkerFailed):
                 self.failures.append(item)
             else:
-                for event in item:  # a batch (EventBatcher)
-                    self._show(event)
+                shown = [event for event in item if self._show(event)]  # a batch (EventBatcher)
+                if self.record is not None and shown:
+                    self._keep(self.record.write, shown)
 
-    def _show(self, event) -> None:
+    def _show(self, event) -> bool:
+        """Hand `event` to the sinks; False for a straggler that arrived after the end."""
         if self.ended:  # a straggler of another rank (after an interrupt): the sinks have drawn the end
-            return
+            return False
         if isinstance(event, ev.StepEnd):
             self.last_step = max(self.last_step, event.step)
         if isinstance(event, ev.RunEnded):
             self.ended = True
         for sink in self.sinks:
-            try:
-                sink.handle(event)
-            except Exception:  # a display problem must never stop training
-                pass
+            self._keep(sink.handle, event)
+        return True
+
+    def _keep(self, write, what) -> None:
+        try:
+            write(what)
+        except Exception:  # a display or disk problem must never stop training
+            pass
 
     def end(self, status: str, message: str, checkpoint_dir: str | None = None) -> None:
         """End the sinks' stream for rank 0, when the run was interrupted or failed before it could."""
@@ -369,7 +426,7 @@ class _Drain:
             end_stream(self._to_sinks, status, self.last_step, message=message, checkpoint_dir=checkpoint_dir)
 
     def _to_sinks(self, event) -> None:
-        for sink in self.sinks:
+        for sink in self.sinks + ([self.record] if self.record is not None else []):
             sink.handle(event)
 
     def __enter__(self):
@@ -377,17 +434,19 @@ class _Drain:
         return self
 
     def __exit__(self, *exc):
-        self.stopped.set()
+        self.channel.stop()
         # A daemon thread: should a killed worker have left half a message, its read never
         # ends, and the kernel goes on without it.
         self.thread.join(timeout=30)
 
 
-def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
+def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = (), record=None) -> Any:
     """Run `task` under `plan` in ``plan.procs`` processes; return rank 0's `engine.outcome.Outcome`.
 
     A kernel interrupt returns an outcome with status "interrupted"; a worker failure
-    raises `TrainingError` naming the rank.
+    raises `TrainingError` naming the rank. `record` (a `runs.RunWriter`) keeps the events
+    the sinks see and, in its logs folder, the workers' output; without it the output goes
+    to a temporary folder kept only when the run fails.
     """
     from accelerate import notebook_launcher
 
@@ -401,13 +460,13 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
     gc.freeze()
     release_openmp_threads()
     fork = multiprocessing.get_context("fork")
-    queue = fork.SimpleQueue()
+    channel = EventChannel(fork)
     port = free_port()
-    log_dir = tempfile.mkdtemp(prefix="nexa_nb-workers-")
-    args = (plan, task, queue, log_dir, fork.Barrier(plan.procs))
+    log_dir = str(record.logs_dir) if record is not None else tempfile.mkdtemp(prefix="nexa_nb-workers-")
+    args = (plan, task, channel, log_dir, fork.Barrier(plan.procs))
     interrupted = False
     launch_error: BaseException | None = None
-    with _Drain(queue, sinks) as drain:
+    with _Drain(channel, sinks, record) as drain:
         try:
             with kept_signal_handlers(), _quiet_elastic_agent():
                 if plan.procs == 1:
@@ -426,6 +485,8 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
                 launch_error = exc
         finally:
             gc.unfreeze()
+    if not drain.thread.is_alive():  # else it waits on a torn message, and its pipe must stay open
+        channel.close()
     if interrupted:
         outcome = _interrupted_outcome(plan, drain)
     elif drain.failures or launch_error is not None:
@@ -437,7 +498,8 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = ()) -> Any:
         )
     else:
         outcome = drain.outcome
-    shutil.rmtree(log_dir, ignore_errors=True)  # kept only when a run failed
+    if record is None:
+        shutil.rmtree(log_dir, ignore_errors=True)  # kept only when a run failed
     return outcome
 
 

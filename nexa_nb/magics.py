@@ -5,6 +5,9 @@
     %nexa_plan    [TASK] [--params N] memory per ZeRO stage and offload, and a recommendation
     %nexa_status  [--traceback]       devices, versions, the current setup and the last run
     %nexa_export  SCRIPT [TASK]       write a script for ``accelerate launch``
+    %nexa_runs    [--compare RUN ...] the recorded runs, or their loss curves on one picture
+    %nexa_attach  RUN                 draw a run from its record, live until it ends
+    %nexa_stop    RUN                 stop a detached run, keeping its last checkpoint
 
 Flags are the Python API's keywords with dashes (``--grad-accum 4`` is ``grad_accum=4``),
 made from the settings' declarations (`nexa_nb.flags`); only the flags typed reach the core
@@ -22,7 +25,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Unicode
 
-from nexa_nb.commands import config, export, plan, status, train
+from nexa_nb.commands import config, export, plan, runs, status, train
 from nexa_nb.flags import config_flags, parse
 from nexa_nb.session import Session, find_task
 from nexa_nb.task import Task
@@ -67,13 +70,17 @@ class NexaMagics(Magics):
         ``%config NexaMagics.dashboard = False``. Flags override the %nexa_config defaults,
         which override the environment and the config file. Bad input stops before any
         process starts, with one line naming the fix; if a worker fails, the error names
-        its rank and ``%nexa_status --traceback`` shows its traceback.
+        its rank and ``%nexa_status --traceback`` shows its traceback. Every run writes a
+        record (%nexa_runs, %nexa_attach); with ``--detach`` or ``--slurm`` the run trains
+        outside the kernel and the cell returns a nexa_nb.DetachedRun at once.
 
         Examples::
 
             res = %nexa_train --zero 3 --bf16 --procs 2 --max-steps 100
             %nexa_train my_task --zero 2 --offload cpu --target-batch 64 --ckpt-dir ckpt
             %nexa_train --resume latest --ckpt-dir ckpt;
+            handle = %nexa_train --detach --procs 2 --max-steps 1000 --ckpt-dir ckpt
+            handle = %nexa_train --slurm partition=debug,cpus_per_task=2,time=30 --procs 2
         """
         args = parse(self.nexa_train, line)
         if args is not None:
@@ -171,8 +178,8 @@ class NexaMagics(Magics):
             return
         if args.params is not None:
             return plan.run(self.session, args)
-        model = self.task_named(args.task).build_model()
-        plan.run(self.session, args, model=model, counted=f"counted from {args.task or self.default_task}'s model")
+        task = self.task_named(args.task)
+        plan.run(self.session, args, task=task, counted=f"counted from {args.task or self.default_task}'s model")
 
     @magic_arguments()
     @argument(
@@ -218,6 +225,66 @@ class NexaMagics(Magics):
         if args is not None:
             task_var = args.task or self.default_task
             export.run(self.session, self.task_named(task_var), task_var, args)
+
+    @magic_arguments()
+    @argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN",
+        help="draw these runs' loss curves (and eval losses) on one picture instead of the table.",
+    )
+    @argument("--root", default="nexa_runs", metavar="DIR", help="the folder holding the runs (default: nexa_runs).")
+    @line_magic
+    def nexa_runs(self, line):
+        """The runs recorded on disk: name, status, step / total, last loss, started, where it runs.
+
+        Every run writes a record (``--run-dir``, default ``nexa_runs/TASK-time``); this lists
+        them whichever kernel ran them. ``--compare A B ...`` draws their losses on one chart.
+
+        Examples::
+
+            %nexa_runs
+            %nexa_runs --compare regression-20261130-120000 regression-20261130-120512
+        """
+        args = parse(self.nexa_runs, line)
+        if args is not None:
+            runs.table(args)
+
+    @magic_arguments()
+    @argument("run", metavar="RUN", help="the run's name in %%nexa_runs, or the path of its record.")
+    @argument("--root", default="nexa_runs", metavar="DIR", help="the folder holding the runs (default: nexa_runs).")
+    @line_magic
+    def nexa_attach(self, line):
+        """Draw a run from its record and follow it live until it ends; returns its TrainResult.
+
+        Works from another notebook and after a kernel restart. A finished run gets the same
+        static picture the cell that ran it left; an interrupt stops following, not the run.
+
+        Example::
+
+            res = %nexa_attach regression-20261130-120000
+        """
+        args = parse(self.nexa_attach, line)
+        if args is not None:
+            return runs.follow(args, dashboard=self.dashboard, refresh_interval=self.refresh_interval)
+
+    @magic_arguments()
+    @argument("run", metavar="RUN", help="the detached run's name in %%nexa_runs, or the path of its record.")
+    @argument("--root", default="nexa_runs", metavar="DIR", help="the folder holding the runs (default: nexa_runs).")
+    @line_magic
+    def nexa_stop(self, line):
+        """Stop a detached run or Slurm job (``%nexa_train --detach`` / ``--slurm``) as Ctrl-C stops
+        a cell's: its workers stop and its last complete checkpoint is kept (``--resume`` it); a job
+        still waiting in the queue is cancelled. Refused for a run that has ended, one that runs in
+        a kernel, and one whose record this user cannot write.
+
+        Example::
+
+            %nexa_stop regression-20261130-120000
+        """
+        args = parse(self.nexa_stop, line)
+        if args is not None:
+            runs.stop(args)
 
 
 def register(ipython) -> None:

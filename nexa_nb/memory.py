@@ -6,11 +6,17 @@ that ZeRO partitions and offloads.  The numbers are DeepSpeed's own estimates
 ``estimate_zero3_model_states_mem_needs`` in ``deepspeed/runtime/zero/stage3.py``), redone
 here with the same arithmetic so that this module imports neither torch nor DeepSpeed.
 As in DeepSpeed, device bytes are per device and host bytes are per node.
+
+Beside model states, a device holds activations (`ActivationEstimate`, traced from the task's
+first step by `nexa_nb.activations`) and the framework's own memory (`framework_bytes`); `fit`
+finds the largest micro-batch of one setup within ``(max_memory_usage - memory_safety_margin)
+x capacity`` (`usable_bytes`), with gradient checkpointing when activations need it, and
+`recommend` the fastest setup that fits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nexa_nb.config import OFFLOAD_DEVICES
 from nexa_nb.text import format_bytes
@@ -48,8 +54,14 @@ def model_state_memory(
     num_nodes: int = 1,
     zero_init: bool = True,  # DeepSpeed's default; Accelerate turns zero.Init on for stage 3 by default
     additional_buffer_factor: float = 1.5,  # DeepSpeed's default margin on host memory
+    weight_bytes: int = 2,  # 16-bit weights and gradients, as DeepSpeed's estimators assume
 ) -> StateMemory:
     """Model-state bytes per device and per node's host for one ZeRO setup.
+
+    With ``weight_bytes=4`` (fp32 training under DeepSpeed) every 16-bit term of DeepSpeed's
+    arithmetic (the weights, their gradients, the gathered largest layer) takes 4 bytes, and
+    stage 0 runs no ZeRO optimizer at all but the plain torch one: 16 bytes per parameter.
+    The host bytes do not change.
 
     - Stages 1 and 2: DeepSpeed runs both with one optimizer and has one estimator for both,
       ``estimate_zero2_model_states_mem_needs`` (cpu_offload = optimizer offloaded), so they
@@ -77,27 +89,30 @@ def model_state_memory(
             "pass 1.5 (DeepSpeed's default)"
         )
 
+    if weight_bytes not in (2, 4):
+        raise ValueError(f"weight_bytes must be 2 (fp16, bf16) or 4 (fp32), got {weight_bytes}")
+    weights, partitioned = weight_bytes, _ZERO2_PARTITIONED + weight_bytes - _FP16_PARAMS
     total_gpus = gpus_per_node * num_nodes
     host_fp32_copies = total_params * _FP32 * gpus_per_node * additional_buffer_factor
     if stage is None:
         device = _PLAIN_FP32_ADAMW * total_params
         host = host_fp32_copies
     elif stage == 0:
-        device = _FP16_PARAMS * total_params + _ZERO2_PARTITIONED * total_params
+        device = (weights + partitioned if weight_bytes == 2 else _PLAIN_FP32_ADAMW) * total_params
         host = host_fp32_copies
     elif stage in (1, 2):
         if offload_optimizer != "none":
-            device = _FP16_PARAMS * total_params
+            device = weights * total_params
             # DeepSpeed counts the GPUs of all nodes here, not of one node; kept to stay equal to it.
             host = total_params * max(_FP32 * total_gpus, _ZERO2_OFFLOAD_MIN) * additional_buffer_factor
         else:
-            device = _FP16_PARAMS * total_params + int(_ZERO2_PARTITIONED * total_params / total_gpus)
+            device = weights * total_params + int(partitioned * total_params / total_gpus)
             host = host_fp32_copies
     else:
-        on_device = (_FP16_PARAMS if offload_param == "none" else 0) + (
-            _ZERO3_OPTIMIZER if offload_optimizer == "none" else 0
+        on_device = (weights if offload_param == "none" else 0) + (
+            _ZERO3_OPTIMIZER + weights - _FP16_PARAMS if offload_optimizer == "none" else 0
         )
-        device = _FP32 * largest_layer_params + int(on_device * total_params / total_gpus)
+        device = 2 * weights * largest_layer_params + int(on_device * total_params / total_gpus)
         on_host = (_FP16_PARAMS if offload_param == "cpu" else 0) + (
             _ZERO3_OPTIMIZER if offload_optimizer == "cpu" else 0
         )
@@ -126,13 +141,20 @@ _TABLE_SETUPS = (
 
 
 def memory_table(
-    total_params: int, largest_layer_params: int, *, gpus_per_node: int = 1, num_nodes: int = 1
+    total_params: int,
+    largest_layer_params: int,
+    *,
+    gpus_per_node: int = 1,
+    num_nodes: int = 1,
+    weight_bytes: int = 2,
 ) -> list[StateMemory]:
     """One row per setup worth comparing, from plain Accelerate to ZeRO-3 with full cpu offload."""
-    return _rows(total_params, largest_layer_params, _TABLE_SETUPS, gpus_per_node, num_nodes)
+    return _rows(total_params, largest_layer_params, _TABLE_SETUPS, gpus_per_node, num_nodes, weight_bytes)
 
 
-def _rows(total_params: int, largest_layer_params: int, setups, gpus_per_node: int, num_nodes: int) -> list:
+def _rows(
+    total_params: int, largest_layer_params: int, setups, gpus_per_node: int, num_nodes: int, weight_bytes: int = 2
+) -> list:
     """The model-state memory of each (stage, optimizer offload, parameter offload) in `setups`."""
     return [
         model_state_memory(
@@ -143,15 +165,65 @@ def _rows(total_params: int, largest_layer_params: int, setups, gpus_per_node: i
             offload_param=param,
             gpus_per_node=gpus_per_node,
             num_nodes=num_nodes,
+            weight_bytes=weight_bytes,
         )
         for stage, opt, param in setups
     ]
 
 
 @dataclass(frozen=True)
+class ActivationEstimate:
+    """Activation bytes of one micro-step on one device: ``fixed_bytes + per_sample_bytes x micro-batch``.
+
+    ``per_sample_bytes`` and ``fixed_bytes`` are the step's peak (what autograd saves for backward
+    plus the largest transient); the ``saved_*`` figures are what autograd saves alone.
+    ``method`` says where the figures come from: "traced" (`nexa_nb.activations`, on fake
+    tensors) or "given" (by the caller).
+    """
+
+    per_sample_bytes: int
+    fixed_bytes: int = 0
+    saved_per_sample_bytes: int = 0
+    saved_fixed_bytes: int = 0
+    grad_ckpt: bool = False
+    precision: str = "no"
+    method: str = "given"
+
+    def at(self, micro_batch: int) -> int:
+        """Peak activation bytes at `micro_batch`."""
+        return self.fixed_bytes + self.per_sample_bytes * micro_batch
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How one setup fits: the largest micro-batch, with or without gradient checkpointing."""
+
+    row: StateMemory
+    micro_batch: int | None
+    """None when not even micro-batch 1 fits (or the model states alone do not)."""
+    activations: ActivationEstimate | None
+    overhead_bytes: int
+    """The framework's own memory per device (`framework_bytes`)."""
+
+    @property
+    def grad_ckpt(self) -> bool | None:
+        return None if self.activations is None else self.activations.grad_ckpt
+
+    @property
+    def activation_bytes(self) -> int | None:
+        return None if self.activations is None else self.activations.at(self.micro_batch or 1)
+
+    @property
+    def device_bytes(self) -> int:
+        """Model states + framework overhead + activations at the micro-batch (at 1 when nothing fits)."""
+        return self.row.device_bytes + self.overhead_bytes + (self.activation_bytes or 0)
+
+
+@dataclass(frozen=True)
 class Recommendation:
-    """The setup to train with.  ``device_bytes`` is model states plus, when their size was
-    given, activations at ``micro_batch``, per device."""
+    """The setup to train with.  ``device_bytes`` is model states, the framework's overhead and,
+    when they were estimated, activations at ``micro_batch``, per device; ``micro_batch`` x
+    ``grad_accum`` is the samples per process per optimizer step that were asked for."""
 
     stage: int | None
     offload_optimizer: str
@@ -159,6 +231,10 @@ class Recommendation:
     micro_batch: int | None
     device_bytes: int
     reason: str
+    grad_accum: int = 1
+    grad_ckpt: bool | None = None
+    """Whether to checkpoint; None when activations were not estimated."""
+    activation_bytes: int | None = None
 
 
 # Fastest first, the order the Transformers DeepSpeed guide gives: DDP > ZeRO-2 > ZeRO-2 + offload
@@ -174,11 +250,94 @@ _SPEED_ORDER = (
     (3, "cpu", "cpu"),
 )
 
+MAX_MEMORY_USAGE = 0.9  # the share of a device training may plan to use (the rest: allocator slack, fragmentation)
+MEMORY_SAFETY_MARGIN = 0.1  # a further share kept free, for what no estimate sees (inputs longer than the first batch)
+CUDA_CONTEXT_BYTES = 512 * 2**20  # the CUDA context and cuBLAS workspace, outside torch's allocator
+CPU_WORKER_BYTES = 400 * 2**20  # a CPU worker's torch, Accelerate and DeepSpeed: 383 MiB of RSS once imported
+DEEPSPEED_BUCKET_ELEMENTS = 50_000_000  # plan.py's reduce and allgather bucket sizes (DeepSpeed's defaults)
+DEEPSPEED_BUCKET_BYTES = 2 * DEEPSPEED_BUCKET_ELEMENTS * 2  # the two buckets, full, of 16-bit elements
+
+
+def usable_bytes(
+    capacity: int, max_memory_usage: float = MAX_MEMORY_USAGE, memory_safety_margin: float = MEMORY_SAFETY_MARGIN
+) -> int:
+    """What training may plan to use of a device of `capacity` bytes: (usage - margin) x capacity."""
+    check_usage(max_memory_usage, memory_safety_margin)
+    return int((max_memory_usage - memory_safety_margin) * capacity)
+
+
+def check_usage(max_memory_usage: float, memory_safety_margin: float) -> None:
+    """The two shares of a device, refused with the fix when they leave nothing or more than all."""
+    if not 0 < max_memory_usage <= 1:
+        raise ValueError(
+            f"max_memory_usage must be in (0, 1], got {max_memory_usage}; pass 0.9 to plan with 90% of each device"
+        )
+    if not 0 <= memory_safety_margin < max_memory_usage:
+        raise ValueError(
+            f"memory_safety_margin must be at least 0 and below max_memory_usage ({max_memory_usage}), got "
+            f"{memory_safety_margin}; pass 0.1 to keep 10% of each device spare"
+        )
+
+
+def framework_bytes(row: StateMemory, base_bytes: int, total_params: int | None = None) -> int:
+    """What the framework holds beside model states and activations: `base_bytes` (a CUDA context,
+    or a worker's libraries on a CPU), plus ZeRO's reduce and allgather buckets, which hold at most
+    the model's gradients or parameters (`total_params`; unknown: full)."""
+    if row.stage in (None, 0):
+        return base_bytes
+    elements = DEEPSPEED_BUCKET_ELEMENTS if total_params is None else min(total_params, DEEPSPEED_BUCKET_ELEMENTS)
+    return base_bytes + DEEPSPEED_BUCKET_BYTES * elements // DEEPSPEED_BUCKET_ELEMENTS
+
+
+def micro_batches(samples_per_step: int) -> list[int]:
+    """The micro-batches that reach `samples_per_step` per process by accumulation, largest first."""
+    return [mb for mb in range(samples_per_step, 0, -1) if samples_per_step % mb == 0]
+
+
+def fit(
+    row: StateMemory,
+    budget: int,
+    samples_per_step: int,
+    activations: tuple[ActivationEstimate, ...] = (),
+    base_bytes: int = 0,
+    total_params: int | None = None,
+) -> Fit:
+    """The largest micro-batch dividing `samples_per_step` that fits `row` in `budget` bytes.
+
+    Without checkpointing first: it is kept when it fits the whole `samples_per_step`, or when
+    checkpointing would not fit a larger micro-batch; otherwise checkpointing is turned on
+    (recomputing costs about a third more compute, less than the accumulation steps it saves).
+    Without `activations`, the micro-batch is `samples_per_step`, unchecked.
+    """
+    overhead = framework_bytes(row, base_bytes, total_params)
+    states = row.device_bytes + overhead
+    if not activations:
+        return Fit(row, samples_per_step if states <= budget else None, None, overhead)
+    best = None
+    for estimate in sorted(activations, key=lambda e: e.grad_ckpt):
+        micro = next((mb for mb in micro_batches(samples_per_step) if states + estimate.at(mb) <= budget), None)
+        if micro is not None and (best is None or micro > best.micro_batch):
+            best = Fit(row, micro, estimate, overhead)
+        if micro == samples_per_step:
+            break
+    return best or Fit(row, None, min(activations, key=lambda e: e.at(1)), overhead)
+
+
+def fits_table(
+    rows: list[StateMemory],
+    budget: int,
+    samples_per_step: int,
+    activations: tuple[ActivationEstimate, ...] = (),
+    base_bytes: int = 0,
+    total_params: int | None = None,
+) -> list[Fit]:
+    """`fit` for every row: what each setup would train with."""
+    return [fit(row, budget, samples_per_step, activations, base_bytes, total_params) for row in rows]
+
 
 def _check_budget(
     device_bytes_available: int,
     host_bytes_available: int,
-    headroom: float,
     wanted_micro_batch: int,
     activation_bytes_per_sample: int | None,
 ) -> None:
@@ -193,8 +352,6 @@ def _check_budget(
             f"host_bytes_available must not be negative, got {host_bytes_available}; "
             "pass the host memory of one node in bytes"
         )
-    if not 0 < headroom <= 1:
-        raise ValueError(f"headroom must be in (0, 1], got {headroom}; pass 0.9 to keep 10% spare")
     if wanted_micro_batch < 1:
         raise ValueError(f"wanted_micro_batch must be at least 1, got {wanted_micro_batch}")
     if activation_bytes_per_sample is not None and activation_bytes_per_sample < 0:
@@ -204,12 +361,16 @@ def _check_budget(
         )
 
 
-def _needs(row: StateMemory, activation_bytes_per_sample: int | None, micro_batch: int) -> str:
-    return (
-        f"{format_bytes(row.device_bytes)} of model states"
-        f"{_activations(activation_bytes_per_sample, micro_batch)} per device and "
-        f"{format_bytes(row.host_bytes)} of host memory"
-    )
+def _needs(f: Fit, micro_batch: int) -> str:
+    activations = None if f.activations is None else f.activations.at(micro_batch)
+    parts = [f"{format_bytes(f.row.device_bytes)} of model states"]
+    if f.overhead_bytes:
+        parts.append(f"{format_bytes(f.overhead_bytes)} of framework overhead")
+    if activations is not None:
+        checkpointed = ", checkpointed" if f.grad_ckpt else ""
+        parts.append(f"{format_bytes(activations)} of activations at micro-batch {micro_batch}{checkpointed}")
+    total = f.row.device_bytes + f.overhead_bytes + (activations or 0)
+    return f"{format_bytes(total)} per device ({' + '.join(parts)}) and {format_bytes(f.row.host_bytes)} of host memory"
 
 
 def recommend(
@@ -220,11 +381,15 @@ def recommend(
     host_bytes_available: int,
     gpus_per_node: int = 1,
     num_nodes: int = 1,
+    activations: tuple[ActivationEstimate, ...] = (),
     activation_bytes_per_sample: int | None = None,
     wanted_micro_batch: int = 8,  # a common micro-batch for fine-tuning; the caller's choice wins
-    headroom: float = 0.9,  # leave 10% of each device to the CUDA context, allocator slack and buffers
+    max_memory_usage: float = MAX_MEMORY_USAGE,
+    memory_safety_margin: float = MEMORY_SAFETY_MARGIN,
+    framework_base_bytes: int = CUDA_CONTEXT_BYTES,
+    weight_bytes: int = 2,
 ) -> Recommendation:
-    """The fastest setup whose model states (and activations) fit, and its micro-batch.
+    """The fastest setup whose model states and activations fit, its micro-batch and checkpointing.
 
     Setups are tried fastest first: plain Accelerate, ZeRO-2, ZeRO-2 with cpu optimizer
     offload, ZeRO-3, ZeRO-3 with cpu optimizer offload, ZeRO-3 with cpu optimizer and
@@ -234,70 +399,77 @@ def recommend(
     gathers every parameter in forward and backward on top, which (as the Transformers
     DeepSpeed guide ranks them) costs more than offloading ZeRO-2's optimizer step.
 
-    A setup fits when model states plus activations at the micro-batch stay within
-    ``headroom * device_bytes_available`` per device and its host bytes within
-    ``host_bytes_available`` (per node).  With ``activation_bytes_per_sample`` known, the
-    micro-batch is the largest of ``wanted_micro_batch`` and the powers of two below it that
-    fits; a faster setup with a smaller micro-batch beats a slower one, since gradient
-    accumulation restores the effective batch for less than offload costs.  Without it,
-    the micro-batch is the wanted one, unchecked.  When nothing fits, the setup needing the
-    least device memory is returned (host memory can be stretched with NVMe offload, device
-    memory cannot), with a reason that says by how much it misses.
+    A setup fits when model states, the framework's overhead (`framework_base_bytes`, plus
+    ZeRO's buckets) and activations at the micro-batch stay within
+    ``(max_memory_usage - memory_safety_margin) x device_bytes_available`` per device, and its
+    host bytes within ``host_bytes_available`` (per node).  `activations` are estimates with
+    and without gradient checkpointing (`nexa_nb.activations`); `activation_bytes_per_sample`
+    is the short form of one without.  The micro-batch is the largest divisor of
+    ``wanted_micro_batch`` (the samples each process takes per optimizer step) that fits,
+    accumulation making up the rest (`fit`); a faster setup with a smaller micro-batch beats a
+    slower one, since accumulation restores the effective batch for less than offload costs.
+    Without activations, the micro-batch is the wanted one, unchecked.  When nothing fits, the
+    setup needing the least device memory is returned (host memory can be stretched with NVMe
+    offload, device memory cannot), with a reason that says by how much it misses.
     """
     _check_sizes(total_params, largest_layer_params, gpus_per_node, num_nodes)
-    _check_budget(
-        device_bytes_available, host_bytes_available, headroom, wanted_micro_batch, activation_bytes_per_sample
+    _check_budget(device_bytes_available, host_bytes_available, wanted_micro_batch, activation_bytes_per_sample)
+    budget = usable_bytes(device_bytes_available, max_memory_usage, memory_safety_margin)
+    if activation_bytes_per_sample is not None:
+        activations = (*activations, ActivationEstimate(activation_bytes_per_sample))
+    usable = (
+        f"{format_bytes(budget)} usable ({max_memory_usage:.0%} less a {memory_safety_margin:.0%} margin of "
+        f"{format_bytes(device_bytes_available)})"
     )
-
-    budget = int(headroom * device_bytes_available)
-    usable = f"{format_bytes(budget)} usable ({headroom:.0%} of {format_bytes(device_bytes_available)})"
     host_available = format_bytes(host_bytes_available)
-    rows = _rows(total_params, largest_layer_params, _SPEED_ORDER, gpus_per_node, num_nodes)
+    rows = _rows(total_params, largest_layer_params, _SPEED_ORDER, gpus_per_node, num_nodes, weight_bytes)
+    fits = fits_table(rows, budget, wanted_micro_batch, tuple(activations), framework_base_bytes, total_params)
 
-    def needs(row: StateMemory, micro_batch: int) -> str:
-        return _needs(row, activation_bytes_per_sample, micro_batch)
-
-    for i, row in enumerate(rows):
-        micro_batch = _fitting_micro_batch(row.device_bytes, budget, activation_bytes_per_sample, wanted_micro_batch)
-        if micro_batch is None or row.host_bytes > host_bytes_available:
+    for i, f in enumerate(fits):
+        if f.micro_batch is None or f.row.host_bytes > host_bytes_available:
             continue
         reason = (
-            f"{_label(row)} fits: it needs {needs(row, micro_batch)}, within {usable} per device "
+            f"{_label(f.row)} fits: it needs {_needs(f, f.micro_batch)}, within {usable} per device "
             f"and {host_available} of host memory"
         )
         if i > 0:
-            reason += f"; the faster {_label(rows[i - 1])} would need {needs(rows[i - 1], 1)}"
+            reason += f"; the faster {_label(rows[i - 1])} would need {_needs(fits[i - 1], 1)}"
         reason += "."
-        if activation_bytes_per_sample is None:
-            reason += (
-                f" Activations were not estimated, so micro-batch {micro_batch} is unchecked; "
-                "pass activation_bytes_per_sample to size it."
-            )
-        device_need = row.device_bytes + (activation_bytes_per_sample or 0) * micro_batch
-        return Recommendation(
-            row.stage, row.offload_optimizer, row.offload_param, micro_batch, device_need, _capitalized(reason)
-        )
+        if not activations:
+            reason += f" Activations were not estimated, so micro-batch {f.micro_batch} is unchecked."
+        return _recommendation(f, wanted_micro_batch, _capitalized(reason))
 
-    micro_batch = wanted_micro_batch if activation_bytes_per_sample is None else 1
-    frugal = min(rows, key=lambda row: row.device_bytes)
-    device_need = frugal.device_bytes + (activation_bytes_per_sample or 0) * micro_batch
+    frugal = min(fits, key=lambda f: f.device_bytes)
+    micro_batch = wanted_micro_batch if not activations else 1
     misses, fixes = [], []
-    if device_need > budget:
-        misses.append(f"{format_bytes(device_need - budget)} more per device than the {usable}")
+    if frugal.device_bytes > budget:
+        misses.append(f"{format_bytes(frugal.device_bytes - budget)} more per device than the {usable}")
         fixes.append("add devices or nodes, or train a smaller model or LoRA adapters")
-    if frugal.host_bytes > host_bytes_available:
+    if frugal.row.host_bytes > host_bytes_available:
         misses.append(
-            f"{format_bytes(frugal.host_bytes - host_bytes_available)} more host memory than the "
+            f"{format_bytes(frugal.row.host_bytes - host_bytes_available)} more host memory than the "
             f"{host_available} available"
         )
         fixes.append("offload to NVMe with ZeRO-3 to keep that state out of host memory")
     reason = (
-        f"Nothing fits, and this will not fit either: {_label(frugal)}, the setup needing the least "
-        f"device memory, needs {needs(frugal, micro_batch)}, which is {' and '.join(misses)}. "
+        f"Nothing fits, and this will not fit either: {_label(frugal.row)}, the setup needing the least "
+        f"device memory, needs {_needs(frugal, micro_batch)}, which is {' and '.join(misses)}. "
         f"{_capitalized('; '.join(fixes))}."
     )
+    return _recommendation(replace(frugal, micro_batch=micro_batch), wanted_micro_batch, reason)
+
+
+def _recommendation(f: Fit, wanted: int, reason: str) -> Recommendation:
     return Recommendation(
-        frugal.stage, frugal.offload_optimizer, frugal.offload_param, micro_batch, device_need, reason
+        f.row.stage,
+        f.row.offload_optimizer,
+        f.row.offload_param,
+        f.micro_batch,
+        f.device_bytes,
+        reason,
+        grad_accum=wanted // f.micro_batch,
+        grad_ckpt=f.grad_ckpt,
+        activation_bytes=f.activation_bytes,
     )
 
 
@@ -332,20 +504,6 @@ def _label(row: StateMemory) -> str:
 
 def _capitalized(sentence: str) -> str:
     return sentence[:1].upper() + sentence[1:]
-
-
-def _activations(per_sample: int | None, micro_batch: int) -> str:
-    if per_sample is None:
-        return ""
-    return f" + {format_bytes(per_sample * micro_batch)} of activations at micro-batch {micro_batch}"
-
-
-def _fitting_micro_batch(states: int, budget: int, per_sample: int | None, wanted: int) -> int | None:
-    """The largest of ``wanted`` and the powers of two below it that fits, or None if not even 1 does."""
-    if per_sample is None:
-        return wanted if states <= budget else None
-    candidates = [wanted] + [2**k for k in range(wanted.bit_length() - 1, -1, -1) if 2**k < wanted]
-    return next((mb for mb in candidates if states + per_sample * mb <= budget), None)
 
 
 def _check_sizes(total_params: int, largest_layer_params: int, gpus_per_node: int, num_nodes: int) -> None:

@@ -50,6 +50,10 @@ class Plan:
     largest_layer_params: int | None = None
     output_dir: str | None = None
     """Where the workers write the trained model (`resolve_output_dir`); None writes nothing."""
+    activations: tuple = ()
+    """`nexa_nb.memory.ActivationEstimate`s of the task's first step, without and with checkpointing."""
+    planned_device_bytes: int | None = None
+    """What this setup needs per device (model states, framework, activations at the micro-batch), when known."""
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -135,8 +139,12 @@ def make_plan(
     *,
     total_params: int | None = None,
     largest_layer_params: int | None = None,
+    activations: tuple = (),
 ) -> Plan:
-    """Resolve `config` for `hardware` (probed when not given). Raises `ConfigError`."""
+    """Resolve `config` for `hardware` (probed when not given). Raises `ConfigError`.
+
+    `activations` (`nexa_nb.activations`' estimates of the task's first step) size the micro-batch
+    in the memory plan; without them the plan counts model states only."""
     hw = probe() if hardware is None else hardware
     c = config
     notes: list[str] = []
@@ -185,7 +193,23 @@ def make_plan(
     if on_cuda and c.offload_optimizer != "none" and c.zero is not None:
         notes.append("optimizer offload uses DeepSpeedCPUAdam, compiled on first use (about a minute), cached after")
 
-    memory_rows, recommendation = model_state_rows(c, hw, on_cuda, total_params, largest_layer_params)
+    if not on_cuda and c.procs > hw.cpu_cores:
+        notes.append(
+            f"{c.procs} processes share {hw.cpu_cores} usable core(s): they take turns, so the run is no faster "
+            f"than with --procs {hw.cpu_cores}"
+        )
+    memory_rows, recommendation, planned, overflow = model_state_rows(
+        c,
+        hw,
+        on_cuda,
+        total_params,
+        largest_layer_params,
+        activations=activations,
+        grad_accum=grad_accum,
+        weight_bytes=4 if precision == "no" else 2,
+    )
+    if overflow:
+        notes.append(overflow)
 
     return Plan(
         config=c,
@@ -206,6 +230,8 @@ def make_plan(
         total_params=total_params,
         largest_layer_params=largest_layer_params,
         output_dir=c.output_dir,
+        activations=tuple(activations),
+        planned_device_bytes=planned,
     )
 
 
@@ -272,25 +298,79 @@ def worker_environment(
 
 
 def model_state_rows(
-    c: TrainConfig, hw: Hardware, on_cuda: bool, total_params: int | None, largest_layer_params: int | None
-) -> tuple[tuple, Any]:
-    """The memory table and the recommended setup for a model of `total_params`, or nothing unknown."""
+    c: TrainConfig,
+    hw: Hardware,
+    on_cuda: bool,
+    total_params: int | None,
+    largest_layer_params: int | None,
+    *,
+    activations: tuple = (),
+    grad_accum: int = 1,
+    weight_bytes: int = 2,
+) -> tuple[tuple, Any, int | None, str | None]:
+    """The memory table, the recommended setup, the bytes the configured setup needs per device
+    (with activations estimated) and a note when they do not fit; nothing when the count is unknown."""
     if not total_params:
-        return (), None
+        return (), None, None, None
     from nexa_nb import memory
 
     largest = largest_layer_params or total_params
     devices = c.procs
-    rows = tuple(memory.memory_table(total_params, largest, gpus_per_node=devices))
+    capacity = hw.device_memory_bytes if on_cuda else hw.host_available_bytes // max(devices, 1)
+    base = memory.CUDA_CONTEXT_BYTES if on_cuda else memory.CPU_WORKER_BYTES
+    rows = tuple(memory.memory_table(total_params, largest, gpus_per_node=devices, weight_bytes=weight_bytes))
     recommendation = memory.recommend(
         total_params,
         largest,
-        device_bytes_available=hw.device_memory_bytes if on_cuda else hw.host_available_bytes // max(devices, 1),
+        device_bytes_available=capacity,
         host_bytes_available=hw.host_available_bytes,
         gpus_per_node=devices,
-        wanted_micro_batch=c.batch_size,
+        activations=tuple(activations),
+        wanted_micro_batch=c.batch_size * grad_accum,
+        max_memory_usage=c.max_memory_usage,
+        memory_safety_margin=c.memory_safety_margin,
+        framework_base_bytes=base,
+        weight_bytes=weight_bytes,
     )
-    return rows, recommendation
+    configured = memory.model_state_memory(
+        total_params,
+        largest,
+        stage=c.zero,
+        offload_optimizer=c.offload_optimizer,
+        offload_param=c.offload_param,
+        gpus_per_node=devices,
+        weight_bytes=weight_bytes,
+    )
+    estimate = next((a for a in activations if a.grad_ckpt == c.grad_ckpt), None)
+    if estimate is None:
+        return rows, recommendation, None, None
+    planned = (
+        configured.device_bytes + memory.framework_bytes(configured, base, total_params) + estimate.at(c.batch_size)
+    )
+    budget = memory.usable_bytes(capacity, c.max_memory_usage, c.memory_safety_margin)
+    note = None if planned <= budget else _does_not_fit(c, planned, estimate.at(c.batch_size), budget, recommendation)
+    return rows, recommendation, planned, note
+
+
+def _does_not_fit(c: TrainConfig, planned: int, activations: int, budget: int, best) -> str:
+    """The note for a configured setup whose activations at its micro-batch overflow the device."""
+    from nexa_nb.text import format_bytes, setup_flags
+
+    flags = " ".join(
+        part
+        for part in (
+            setup_flags(best.stage, best.offload_optimizer, best.offload_param),
+            f"--batch-size {best.micro_batch} --grad-accum {best.grad_accum}" if best.micro_batch else "",
+            "--grad-ckpt" if best.grad_ckpt else "",
+        )
+        if part
+    )
+    return (
+        f"at micro-batch {c.batch_size} this setup needs {format_bytes(planned)} per device (activations "
+        f"{format_bytes(activations)}), more than the {format_bytes(budget)} the plan may use "
+        f"(--max-memory-usage {c.max_memory_usage} less --memory-safety-margin {c.memory_safety_margin}); "
+        f"{flags or 'plain Accelerate'} fits (%nexa_plan shows why)"
+    )
 
 
 def deepspeed_config(c: TrainConfig, *, precision: str, grad_accum: int, world: int, on_cuda: bool) -> dict[str, Any]:

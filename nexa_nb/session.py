@@ -50,6 +50,26 @@ class PlanNotesShown:
         self.sink.close()
 
 
+def follow_detached(run, dashboard) -> None:
+    """The cell of a detached run returns at once, saying where it trains and how to follow it; its
+    dashboard, if any, follows the record from a thread (the run's own process never talks to this kernel)."""
+    import threading
+
+    from nexa_nb import runs
+
+    where = f"Slurm job {run.job}" if run.job else f"process {run.pid}"
+    print(f"detached: {run.name} trains in {where}; follow it with %nexa_attach {run.name}")
+    if dashboard is not None:
+
+        def follow() -> None:
+            try:
+                runs.follow(runs.Run(run.run_dir), [dashboard])
+            except TrainingError:  # the runner is gone: the dashboard shows it
+                pass
+
+        threading.Thread(target=follow, name="nexa-follow", daemon=True).start()
+
+
 @dataclass
 class Session:
     """A notebook's defaults and its last outcome."""
@@ -127,8 +147,9 @@ class Session:
                 sink.show()
             shown = True
 
+        detached = None
         try:
-            self.last_result = api.train(
+            result = api.train(
                 task,
                 config=config_file or self.config_file,
                 session=self.defaults,
@@ -136,13 +157,18 @@ class Session:
                 on_plan=show,
                 **options,
             )
-            return self.last_result
+            if isinstance(result, api.DetachedRun):
+                detached = result
+                follow_detached(result, sink if dashboard else None)
+                return result
+            self.last_result = result
+            return result
         except TrainingError as exc:
             if exc.worker_traceback:
                 self.last_error = exc
             raise
         finally:
-            if shown and dashboard:
+            if shown and dashboard and detached is None:
                 if output is not None:
                     output.clear_output()
                 sink.finalize()

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from nexa_nb.schedules import SCHEDULES
+from nexa_nb.slurm import KEYS as SLURM_KEYS
+from nexa_nb.slurm import spec_problem as slurm_spec_problem
 from nexa_nb.trackers import TRACKERS
 
 PRECISIONS = ("no", "fp16", "bf16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 SCHEDULERS = tuple(SCHEDULES)
 LR_SCALING = ("none", "linear", "sqrt")
@@ -80,6 +83,10 @@ def positive(value) -> str | None:
 
 def probability(value) -> str | None:
     return None if 0 <= value < 1 else f"must be in [0, 1), got {value}"
+
+
+def share(value) -> str | None:
+    return None if 0 < value <= 1 else f"must be in (0, 1], got {value}"
 
 
 # --- the metadata of one setting --------------------------------------------------------------
@@ -324,6 +331,26 @@ class TrainConfig:
         accelerate_keys=("gradient_checkpointing",),
         label="gradient checkpointing",
     )
+    max_memory_usage: float = setting(
+        0.9,
+        "share of each device's memory the memory plan may use for model states, activations and the "
+        "framework (with no GPU: of each process's share of the host memory)",
+        "memory",
+        metavar="F",
+        check=share,
+        fix="pass a share such as 0.9",
+        label="max memory usage",
+    )
+    memory_safety_margin: float = setting(
+        0.1,
+        "share of each device's memory the memory plan keeps free on top, for what no estimate sees "
+        "(longer inputs than the first batch's); the plan uses max_memory_usage - memory_safety_margin",
+        "memory",
+        metavar="F",
+        check=probability,
+        fix="pass a share such as 0.1, below --max-memory-usage",
+        label="memory safety margin",
+    )
     lora: bool = setting(False, "train LoRA adapters (peft) instead of the whole model", "LoRA", label="LoRA")
     lora_r: int = setting(
         8,
@@ -498,6 +525,18 @@ class TrainConfig:
         label="tracker folder",
         placeholder="the checkpoint folder, else nexa_runs",
     )
+    log_level: str | None = setting(
+        None,
+        "level of the libraries' loggers in the workers (accelerate, DeepSpeed, transformers): debug, info, "
+        "warning, error or critical; default: their own, with warnings from rank 0 only",
+        "checkpoints and logging",
+        choices=LOG_LEVELS,
+        invalid="{value!r} is not a log level",
+        fix="use one of " + ", ".join(LOG_LEVELS),
+        env=("ACCELERATE_LOG_LEVEL",),
+        label="library log level",
+        placeholder="the libraries' own",
+    )
     output_dir: str | None = setting(
         None,
         "folder the workers write the trained model into when the run completes (safetensors; a "
@@ -513,6 +552,34 @@ class TrainConfig:
         "with --lora, also write the base model with the adapters merged in, into OUTPUT_DIR/merged",
         "checkpoints and logging",
         label="merge LoRA on save",
+    )
+    run_dir: str | None = setting(
+        None,
+        "folder of the run's record (plan, events, result, workers' logs), read by %nexa_runs and "
+        "%nexa_attach; default: a new nexa_runs/TASK-YYYYmmdd-HHMMSS (UTC)",
+        "checkpoints and logging",
+        metavar="PATH",
+        label="run record folder",
+        placeholder="nexa_runs/TASK-time",
+    )
+    detach: bool = setting(
+        False,
+        "run in a process of its own, outside the kernel: the cell returns at once with a handle, and a kernel "
+        "restart or shutdown does not stop the run (%nexa_attach follows it, %nexa_stop stops it)",
+        "checkpoints and logging",
+        label=None,
+        no_form="the form's Train button follows its run in the cell; detach with %nexa_train --detach",
+    )
+    slurm: str | None = setting(
+        None,
+        "submit the run as a Slurm job of one node, which trains as a detached run does and writes its record on "
+        "the shared filesystem: KEY=VALUE pairs, comma-separated, of " + ", ".join(SLURM_KEYS),
+        "checkpoints and logging",
+        metavar="SPEC",
+        check=slurm_spec_problem,
+        fix="write KEY=VALUE pairs such as --slurm partition=debug,cpus_per_task=2,time=30",
+        label=None,
+        no_form="a job is submitted from a cell: %nexa_train --slurm SPEC",
     )
     force_cpu: bool = setting(
         False,

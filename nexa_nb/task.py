@@ -44,7 +44,10 @@ class Task:
                 mapping batch, ``model(**fields)`` for a dataclass batch, ``model(*batch[:-1])``
                 for a tuple/list batch, named tuples included (the last item being the
                 target), ``model(batch)`` otherwise. With a forward of its own, a batch may
-                hold anything the forward takes.
+                hold anything the forward takes. Before the workers start, the model (a factory
+                too), the forward and loss_fn also run once on fake tensors, in a process
+                forked for it (`nexa_nb.activations`), to check the first batch and size its
+                activations; what they change there stays there.
     name:       used in messages, exported scripts and tracker run names.
     tokenizer:  an optional tokenizer (anything with ``save_pretrained``), written beside the
                 trained model so that the output folder loads as one with ``from_pretrained``.

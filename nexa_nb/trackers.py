@@ -24,6 +24,14 @@ def _offline_mlflow(project_dir: str) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny has no SQL store
 
 
+def _offline_wandb(project_dir: str) -> None:
+    """Offline unless the user chose a mode (``WANDB_MODE``): runs go under the project folder
+    (``wandb sync`` uploads them later), and wandb's banners stay out of the cell."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_DIR", str(Path(project_dir).absolute()))
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
 @dataclass(frozen=True)
 class Tracker:
     package: str
@@ -36,4 +44,5 @@ class Tracker:
 TRACKERS: dict[str, Tracker] = {
     "tensorboard": Tracker(package="tensorboard"),
     "mlflow": Tracker(package="mlflow-skinny", prepare=_offline_mlflow),
+    "wandb": Tracker(package="wandb", prepare=_offline_wandb),
 }

@@ -57,6 +57,24 @@ def prepare_inputs(folder: Path) -> dict:
     def wrong_shape_model():
         return torch.nn.Linear(7, 1)
 
+    class Classifier(torch.nn.Module):  # built from a factory: only on fake tensors in the kernel
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 16)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids).mean(1))
+
+    def cross_entropy(outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs, batch["labels"])
+
+    def by_ids(model, batch):
+        return model(batch["ids"])
+
+    def rows(label, key="ids"):
+        return [{key: torch.randint(0, 100, (12,)), "labels": label} for _ in range(64)]
+
     return {
         "not_a_task": "a string",
         "bad_model_task": nexa_nb.Task(42, linear_data(), loss_fn=mse),
@@ -69,6 +87,14 @@ def prepare_inputs(folder: Path) -> dict:
         "string_collate_task": nexa_nb.Task(no_loss_model(), linear_data(), loss_fn=mse, collate_fn=collate_to_string),
         "wrong_shape_task": nexa_nb.Task(wrong_shape_model(), linear_data(), loss_fn=mse),
         "empty_eval_task": nexa_nb.Task(no_loss_model(), linear_data(), eval_data=[], loss_fn=mse),
+        "argument_names_task": nexa_nb.Task(Classifier, rows(torch.tensor(1), "input_ids"), loss_fn=cross_entropy),
+        "float_labels_task": nexa_nb.Task(Classifier, rows(torch.tensor(1.0)), loss_fn=cross_entropy, forward=by_ids),
+        "int32_labels_task": nexa_nb.Task(
+            Classifier, rows(torch.tensor(1, dtype=torch.int32)), loss_fn=cross_entropy, forward=by_ids
+        ),
+        "padded_lists_task": nexa_nb.Task(
+            Classifier, [{"ids": [5, 6, 7, 0, 0], "labels": 1}] * 64, loss_fn=cross_entropy, forward=by_ids
+        ),
     }
 
 
@@ -138,6 +164,17 @@ CATALOGUE = [
     ("string_collate_task", "a batch must be a tensor or a dict/tuple of tensors"),
     ("wrong_shape_task", "the model's forward failed on the first batch"),
     ("empty_eval_task", "eval_data is empty"),
+    # mistakes a model factory makes, found on fake tensors before any process starts
+    ("argument_names_task", "the model's forward takes no argument 'input_ids': it takes (ids)"),
+    ("argument_names_task", "Task(forward=lambda model, batch: model(batch['input_ids']))"),
+    ("float_labels_task", "takes class indices as torch.long (int64), but batch['labels'] holds Float"),
+    ("int32_labels_task", "takes class indices as torch.long (int64), but batch['labels'] holds Int"),
+    ("padded_lists_task", "batch['ids'] is a list of 5 tensors, not one tensor"),
+    # the memory plan's shares
+    ("--max-memory-usage 1.5", "max_memory_usage: must be in (0, 1], got 1.5"),
+    ("--max-memory-usage 0", "max_memory_usage: must be in (0, 1], got 0"),
+    ("--memory-safety-margin -0.1", "memory_safety_margin: must be in [0, 1), got -0.1"),
+    ("--max-memory-usage 0.5 --memory-safety-margin 0.5", "leaves nothing of max_memory_usage 0.5"),
 ]
 
 ENVIRONMENT = [

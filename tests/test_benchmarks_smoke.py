@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -61,9 +62,33 @@ def test_quick_run_writes_every_figure(tmp_path):
         for side in figure["sides"].values():
             assert side["values"] and all(number(v) for v in side["values"]), (key, side)
             assert number(side["median"])
-        assert all(figure["checks"].values()), (key, figure["checks"])  # same weights, nothing heavy imported...
+        # Same weights, nothing heavy imported...; whether the machine was quiet is recorded, not asserted.
+        assert all(ok for name, ok in figure["checks"].items() if name != "quiet_machine"), (key, figure["checks"])
+        assert number(figure["details"]["others_busy_cores"])
+        if key not in ("4_memory_plan_min", "4_memory_plan_max"):
+            assert "quiet_machine" in figure["checks"], key
+        if "pair_ratios" in figure["details"]:  # an A/B figure: the median of the pair ratios, and their spread
+            low, high = figure["spread_iqr"]
+            assert (
+                figure["ratio"] == statistics.median(figure["details"]["pair_ratios"])
+                and low <= figure["ratio"] <= high
+            )
         assert len(figure["load_average"]["before"]) == 3
 
     table = proc.stdout[proc.stdout.index("figure ") :]
     for key in FIGURES:
         assert data["figures"][key]["title"] in table
+
+
+def test_a_busy_machine_is_refused_before_anything_runs(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "1", "--max-load", "-1", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert "load average" in line and "--noisy" in line
+    assert not list(tmp_path.iterdir())

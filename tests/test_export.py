@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -126,8 +127,29 @@ def test_module_task_is_imported_by_reference(exported):
     assert "import test_export" in script and "model=test_export.make_model" in script
     assert "train_data=test_export.TRAIN_DATA" in script
     assert "by reference, imported as test_export.loss_fn" in files.explanation
-    assert files.command == f"accelerate launch --config_file {folder / 'train.accelerate.yaml'} {folder / 'train.py'}"
+    assert files.command == (
+        f"{sys.executable} -m accelerate.commands.launch --config_file {folder / 'train.accelerate.yaml'} "
+        f"{folder / 'train.py'}"
+    )
     assert "--num_machines 2 --num_processes 4 --machine_rank R --main_process_ip IP" in files.explanation
+
+
+@pytest.mark.slow
+def test_the_printed_command_runs_as_printed_without_the_environment_on_path(exported, notebook_losses):
+    """A kernel started without activating its environment has no `accelerate` on PATH: the
+    printed command names the kernel's own Python, so it runs from a shell whose PATH lacks it."""
+    folder, files = exported
+    env = {**subprocess_env(), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [*shlex.split(files.command), "--history-out", "printed.json"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert result(folder / "printed.json")["losses"] == pytest.approx(notebook_losses, abs=1e-6)
 
 
 @pytest.mark.slow

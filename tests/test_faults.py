@@ -145,15 +145,15 @@ def test_an_interrupt_stops_every_worker_and_keeps_the_last_checkpoint(tmp_path,
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_the_kernel_stops_draining_even_when_a_killed_worker_holds_the_queue_lock():
-    """A worker killed by a signal inside `queue.put` never releases the queue's writer lock;
-    the kernel's drain must still end (it once waited on that lock for ever)."""
+def test_the_kernel_stops_draining_even_when_a_killed_worker_holds_the_channel_lock():
+    """A worker killed by a signal inside `put` never releases the writers' lock; the kernel's
+    drain must still end (it once waited on that lock for ever)."""
     import multiprocessing
 
-    from nexa_nb.launch import _Drain
+    from nexa_nb.launch import EventChannel, _Drain
 
     fork = multiprocessing.get_context("fork")
-    queue = fork.SimpleQueue()
+    channel = EventChannel(fork)
     shown = []
 
     class Shown(ev.Sink):
@@ -161,14 +161,30 @@ def test_the_kernel_stops_draining_even_when_a_killed_worker_holds_the_queue_loc
             shown.append(event)
 
     def killed_mid_write():
-        queue.put(["an event"])
-        queue._wlock.acquire()  # what a SIGKILL inside put leaves behind
+        channel.put(["an event"])
+        channel._lock.acquire()  # what a SIGKILL inside put leaves behind
         os.kill(os.getpid(), signal.SIGKILL)
 
     started = time.monotonic()
-    with _Drain(queue, [Shown()]):
+    with _Drain(channel, [Shown()]) as drain:
         worker = fork.Process(target=killed_mid_write)
         worker.start()
         worker.join()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 5 and not drain.thread.is_alive()
     assert shown == ["an event"]
+
+
+def test_the_kernel_sleeps_while_the_workers_send_nothing():
+    """No polling: an idle drain thread uses no CPU (it once woke 20 times a second, taking
+    time from the workers of a 2-core machine)."""
+    import multiprocessing
+
+    from nexa_nb.launch import EventChannel, _Drain
+
+    channel = EventChannel(multiprocessing.get_context("fork"))
+    process = psutil.Process()
+    with _Drain(channel, []):
+        before = sum(process.cpu_times()[:2])
+        time.sleep(1.0)
+        used = sum(process.cpu_times()[:2]) - before
+    assert used < 0.02

@@ -2,7 +2,8 @@
 
 The kernel runs this interpreter (a kernelspec written to a temporary JUPYTER_PATH), trains
 ZeRO-3 in two CPU processes with the live dashboard, inherits %nexa_config defaults in a
-second run, and shows a bad flag as one UsageError line.
+second run, draws the first run again from its record (%nexa_attach), and shows a bad flag as one
+UsageError line.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ CELLS = [
     "print(res.distributed_type, res.num_processes, res.status)\n"
     "print(json.dumps(res.losses))\n"
     "assert res.losses[-1] < res.losses[0]",
+    "again = %nexa_attach {res.run_dir}\nassert again.losses == res.losses",
     "%nexa_config --grad-accum 2 --batch-size 4",
     "%config NexaMagics.dashboard = False\nres2 = %nexa_train --max-steps 3",
     "print(res2.plan.grad_accum, res2.plan.micro_batch, len(res2.history), res2.distributed_type)\n"
@@ -79,7 +81,7 @@ def test_notebook_trains_with_the_magics(tmp_path, kernel_name):
     work = tmp_path / "work"
     work.mkdir()
     NotebookClient(nb, kernel_name=kernel_name, timeout=600, resources={"metadata": {"path": str(work)}}).execute()
-    load, _, train, check, config, train2, check2, bad = nb.cells
+    load, _, train, check, attach, config, train2, check2, bad = nb.cells
 
     assert load.outputs == []
     plan = stream(train).splitlines()
@@ -90,6 +92,11 @@ def test_notebook_trains_with_the_magics(tmp_path, kernel_name):
     assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in train.outputs)
     summary = [o["data"]["text/markdown"] for o in train.outputs if "text/markdown" in o.get("data", {})]
     assert summary and summary[0].startswith("Trained 6 steps with ZeRO-3 (bf16, 2 processes")
+
+    # the run's record draws the same picture in another cell
+    assert [o["data"]["image/svg+xml"] for o in attach.outputs if "image/svg+xml" in o.get("data", {})] == [
+        pictures[0]["data"]["image/svg+xml"]
+    ]
 
     kind, losses = stream(check).splitlines()
     assert kind == "DEEPSPEED 2 completed"

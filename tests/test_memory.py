@@ -14,7 +14,18 @@ from deepspeed.runtime.zero.stage_1_and_2 import (
     estimate_zero2_model_states_mem_needs_all_cold,
 )
 
-from nexa_nb.memory import Recommendation, StateMemory, count_params, memory_table, model_state_memory, recommend
+from nexa_nb.memory import (
+    CUDA_CONTEXT_BYTES,
+    DEEPSPEED_BUCKET_BYTES,
+    ActivationEstimate,
+    Recommendation,
+    StateMemory,
+    count_params,
+    memory_table,
+    model_state_memory,
+    recommend,
+    usable_bytes,
+)
 from nexa_nb.text import format_bytes
 
 GIB = 2**30
@@ -161,6 +172,19 @@ def test_param_offload_without_optimizer_offload():
     assert row.host_bytes == int(total * 2 * 1.5)
 
 
+def test_fp32_runs_count_4_byte_weights_and_gradients():
+    total, largest = SIZES[1]
+    assert model_state_memory(total, largest, stage=0, weight_bytes=4).device_bytes == 16 * total  # torch's AdamW
+    assert model_state_memory(total, largest, stage=2, weight_bytes=4, gpus_per_node=4).device_bytes == (
+        4 * total + int(20 * total / 4)
+    )
+    zero3 = model_state_memory(total, largest, stage=3, weight_bytes=4, gpus_per_node=2)
+    assert zero3.device_bytes == 8 * largest + int(22 * total / 2)
+    assert zero3.host_bytes == model_state_memory(total, largest, stage=3, gpus_per_node=2).host_bytes
+    with pytest.raises(ValueError, match="weight_bytes must be 2"):
+        model_state_memory(total, largest, stage=3, weight_bytes=3)
+
+
 def test_memory_table_rows():
     total, largest = SIZES[2]
     rows = memory_table(total, largest, gpus_per_node=8)
@@ -215,13 +239,15 @@ def test_7b_on_one_80gb_device_offloads():
     assert rec.offload_optimizer == "cpu"
     assert (rec.stage, rec.offload_param) == (2, "none")
     assert rec.micro_batch == 8 and "not estimated" in rec.reason
-    assert format_bytes(rec.device_bytes) in rec.reason
+    assert f"{format_bytes(rec.device_bytes)} per device" in rec.reason
+    assert rec.device_bytes == 2 * 7_000_000_000 + CUDA_CONTEXT_BYTES + DEEPSPEED_BUCKET_BYTES
+    assert "activation_bytes_per_sample" not in rec.reason  # no advice to pass a figure nobody has
 
 
 def test_100m_on_80gb_needs_no_deepspeed():
     rec = recommend(100_000_000, 10_000_000, device_bytes_available=80 * GIB, host_bytes_available=64 * GIB)
     assert (rec.stage, rec.offload_optimizer, rec.offload_param) == (None, "none", "none")
-    assert rec.device_bytes == 16 * 100_000_000
+    assert rec.device_bytes == 16 * 100_000_000 + CUDA_CONTEXT_BYTES
 
 
 def test_7b_on_eight_devices_shards_instead_of_offloading():
@@ -229,27 +255,65 @@ def test_7b_on_eight_devices_shards_instead_of_offloading():
         7_000_000_000, 500_000_000, device_bytes_available=80 * GIB, host_bytes_available=512 * GIB, gpus_per_node=8
     )
     assert (rec.stage, rec.offload_optimizer) == (2, "none")
-    assert "the faster plain Accelerate (no DeepSpeed) would need 104.31 GiB" in rec.reason
+    assert "the faster plain Accelerate (no DeepSpeed) would need 104.81 GiB per device (104.31 GiB" in rec.reason
+
+
+def bare(**kwargs):
+    """`recommend` for a 100M model without framework overhead, so that the arithmetic shows."""
+    return recommend(100_000_000, 10_000_000, host_bytes_available=64 * GIB, framework_base_bytes=0, **kwargs)
 
 
 def test_micro_batch_shrinks_with_memory():
+    # 1.6 GB of states; (0.9 - 0.1) x capacity usable; ZeRO-2 offload (0.2 GB) takes over below 4 GiB.
     batches = [
-        recommend(
-            100_000_000,
-            10_000_000,
-            device_bytes_available=gib * GIB,
-            host_bytes_available=64 * GIB,
-            activation_bytes_per_sample=GIB,
-        ).micro_batch
-        for gib in (80, 16, 8, 4, 3)
+        bare(device_bytes_available=gib * GIB, activation_bytes_per_sample=GIB).micro_batch for gib in (80, 16, 8, 4, 3)
     ]
-    assert batches == [8, 8, 4, 2, 1]
+    assert batches == [8, 8, 4, 1, 2]
+    assert bare(device_bytes_available=3 * GIB, activation_bytes_per_sample=GIB).stage == 2
 
 
-def test_micro_batch_keeps_a_wanted_size_that_fits():
-    kwargs = {"device_bytes_available": 80 * GIB, "host_bytes_available": 64 * GIB, "activation_bytes_per_sample": GIB}
-    assert recommend(100_000_000, 10_000_000, wanted_micro_batch=12, **kwargs).micro_batch == 12
-    assert recommend(100_000_000, 10_000_000, wanted_micro_batch=100, **kwargs).micro_batch == 64
+def test_micro_batch_divides_the_samples_per_step():
+    kwargs = {"device_bytes_available": 80 * GIB, "activation_bytes_per_sample": GIB}
+    assert bare(wanted_micro_batch=12, **kwargs).micro_batch == 12
+    rec = bare(wanted_micro_batch=100, **kwargs)  # 64 would fit, but 100 samples are 50 x 2, not 64 x something
+    assert (rec.micro_batch, rec.grad_accum) == (50, 2)
+
+
+def test_the_budget_is_usage_less_margin():
+    # 16 GiB x (0.9 - 0.1) = 12.8 GiB: 11 samples of 1 GiB fit beside 1.6 GB of states, 12 do not.
+    assert (
+        bare(device_bytes_available=16 * GIB, activation_bytes_per_sample=GIB, wanted_micro_batch=11).micro_batch == 11
+    )
+    assert (
+        bare(device_bytes_available=16 * GIB, activation_bytes_per_sample=GIB, wanted_micro_batch=12).micro_batch == 6
+    )
+    loose = bare(
+        device_bytes_available=16 * GIB,
+        activation_bytes_per_sample=GIB,
+        wanted_micro_batch=12,
+        max_memory_usage=1.0,
+        memory_safety_margin=0.0,
+    )
+    assert loose.micro_batch == 12
+    assert usable_bytes(16 * GIB) == int(0.8 * 16 * GIB)
+
+
+def test_checkpointing_is_turned_on_when_activations_need_it():
+    plain = ActivationEstimate(GIB, grad_ckpt=False)
+    checkpointed = ActivationEstimate(GIB // 4, grad_ckpt=True)
+    roomy = bare(device_bytes_available=80 * GIB, activations=(plain, checkpointed))
+    assert (roomy.micro_batch, roomy.grad_ckpt) == (8, False)
+    tight = bare(device_bytes_available=8 * GIB, activations=(plain, checkpointed))
+    assert (tight.stage, tight.micro_batch, tight.grad_accum, tight.grad_ckpt) == (None, 8, 1, True)
+    assert "checkpointed" in tight.reason
+    assert tight.activation_bytes == 2 * GIB and tight.device_bytes == 1_600_000_000 + 2 * GIB
+
+
+def test_fixed_activation_bytes_count_once():
+    estimate = ActivationEstimate(per_sample_bytes=GIB, fixed_bytes=3 * GIB)
+    rec = bare(device_bytes_available=16 * GIB, activations=(estimate,))
+    # 12.8 GiB usable - 1.49 GiB of states - 3 GiB fixed leaves 8.3 GiB: micro-batch 8
+    assert rec.micro_batch == 8 and rec.activation_bytes == 11 * GIB
 
 
 def test_activations_push_to_offload():
@@ -260,9 +324,10 @@ def test_activations_push_to_offload():
         device_bytes_available=24 * GIB,
         host_bytes_available=128 * GIB,
         activation_bytes_per_sample=8 * GIB,
+        framework_base_bytes=0,
     )
-    assert (rec.stage, rec.offload_optimizer, rec.micro_batch) == (2, "cpu", 2)
-    assert rec.device_bytes == 2 * 1_000_000_000 + 2 * 8 * GIB
+    assert (rec.stage, rec.offload_optimizer, rec.micro_batch, rec.grad_accum) == (2, "cpu", 2, 4)
+    assert rec.device_bytes == 2 * 1_000_000_000 + DEEPSPEED_BUCKET_BYTES + 2 * 8 * GIB
 
 
 def test_impossible_says_it_will_not_fit_and_by_how_much():
@@ -275,7 +340,7 @@ def test_impossible_says_it_will_not_fit_and_by_how_much():
     )
     assert (rec.stage, rec.offload_optimizer, rec.offload_param, rec.micro_batch) == (3, "cpu", "cpu", 1)
     assert "will not fit" in rec.reason
-    short = 4 * 20_000_000_000 + GIB - int(0.9 * 24 * GIB)
+    short = 4 * 20_000_000_000 + CUDA_CONTEXT_BYTES + DEEPSPEED_BUCKET_BYTES + GIB - int(0.8 * 24 * GIB)
     assert f"{format_bytes(short)} more per device" in rec.reason
 
 
@@ -308,7 +373,10 @@ def test_bad_setup_names_the_fix(kwargs, fix):
     "kwargs,fix",
     [
         ({"device_bytes_available": 0, "host_bytes_available": GIB}, "memory of one training device"),
-        ({"device_bytes_available": GIB, "host_bytes_available": GIB, "headroom": 1.5}, "pass 0.9"),
+        ({"device_bytes_available": GIB, "host_bytes_available": GIB, "max_memory_usage": 1.5}, "pass 0.9"),
+        ({"device_bytes_available": GIB, "host_bytes_available": GIB, "max_memory_usage": 0}, "pass 0.9"),
+        ({"device_bytes_available": GIB, "host_bytes_available": GIB, "memory_safety_margin": -0.1}, "pass 0.1"),
+        ({"device_bytes_available": GIB, "host_bytes_available": GIB, "memory_safety_margin": 0.9}, "pass 0.1"),
         ({"device_bytes_available": GIB, "host_bytes_available": GIB, "activation_bytes_per_sample": -1}, "None"),
     ],
 )

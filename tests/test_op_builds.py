@@ -61,3 +61,13 @@ def test_the_first_zero_run_says_it_compiles_before_it_does_and_the_next_does_no
     again = ev.RecordingSink()
     nexa_nb.train(task, zero=2, procs=1, max_steps=2, batch_size=8, sinks=[again])
     assert not [e for e in again.events if isinstance(e, ev.Note) and "compiles" in e.message]
+
+
+def test_the_dashboard_shows_the_compile_note_before_the_run_starts(tmp_path, monkeypatch):
+    from nexa_nb.sinks import Dashboard
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    board = Dashboard(refresh_interval=60)
+    board.handle(ev.Note(compile_note(plan(zero=3, offload="cpu"))))
+    board.flush()
+    assert "compiles its CPU communication op and its CPU Adam optimizer" in board.status_view.value

@@ -38,6 +38,8 @@ TYPED = {
     "fsdp": ("--fsdp", True),
     "find_unused_parameters": ("--find-unused-parameters", True),
     "grad_ckpt": ("--grad-ckpt", True),
+    "max_memory_usage": ("--max-memory-usage 0.8", 0.8),
+    "memory_safety_margin": ("--memory-safety-margin 0.05", 0.05),
     "lora": ("--lora", True),
     "lora_r": ("--lora-r 4", 4),
     "lora_alpha": ("--lora-alpha 8", 8),
@@ -57,8 +59,12 @@ TYPED = {
     "eval_every": ("--eval-every 5", 5),
     "trackers": ("--trackers tensorboard,mlflow", ("tensorboard", "mlflow")),
     "log_dir": ("--log-dir logs", "logs"),
+    "log_level": ("--log-level info", "info"),
     "output_dir": ("--output-dir out", "out"),
     "merge_lora": ("--merge-lora", True),
+    "run_dir": ("--run-dir runs/a", "runs/a"),
+    "detach": ("--detach", True),
+    "slurm": ("--slurm partition=debug,time=5", "partition=debug,time=5"),
     "force_cpu": ("--force-cpu", True),
 }
 

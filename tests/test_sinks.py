@@ -66,6 +66,7 @@ def run_events(steps: int = TOTAL, end: RunEnded | None = COMPLETED, total: int 
                     memory=memory(rank),
                     grad_accum=4,
                     micro_batch=2,
+                    accum_time_s=0.5,
                 )
             )
         if step == 10:
@@ -239,7 +240,7 @@ def test_dashboard_end_states(end, status, data_status, summary_end):
     assert dashboard.progress.bar_style == {"interrupted": "warning", "failed": "danger"}[data_status]
     picture, summary = dashboard.static_outputs()
     assert f'data-status="{data_status}"' in picture["image/svg+xml"]
-    assert summary["text/plain"].endswith(summary_end)
+    assert summary_end + " Accumulation: 7 steps of 4 micro-steps" in summary["text/plain"]
 
 
 # --- the picture that stays ----------------------------------------------------------
@@ -260,7 +261,9 @@ def shell(tmp_path, monkeypatch):
 
 SUMMARY = (
     "Trained 20 steps with ZeRO-3 (bf16, 2 processes, effective batch 16): loss 2.4 -> 0.5; completed. "
-    "Last eval (step 10): eval_loss 1.6000, accuracy 0.7500. Checkpoint: ckpt/step-10."
+    "Last eval (step 10): eval_loss 1.6000, accuracy 0.7500. Checkpoint: ckpt/step-10. "
+    "Accumulation: 20 steps of 4 micro-steps, 0.5 s a cycle, mean gradient norm 0.18, "
+    "memory 3.00 GiB on average (peak 3.00 GiB)."
 )
 
 

@@ -86,7 +86,7 @@ def placing_collate(collate: Callable, device) -> Callable:
 def _collate_and_place(collate: Callable, device, samples):
     batch = collate(samples)
     if _is_dataclass(batch) and not isinstance(batch, Mapping):
-        return map_tensors(lambda t: t.to(device), batch)
+        return map_tensors(lambda t: t.to(device, non_blocking=True), batch)  # never waits for the device
     return batch
 
 
@@ -114,11 +114,16 @@ def _rebuild_mapping(batch: Mapping, items: dict) -> Mapping:
         return items
 
 
-def count_tokens(batch) -> int | None:
+def count_tokens(batch) -> torch.Tensor | int | None:
+    """The tokens of a named batch: its attention mask's sum, else its input ids' count; None without either.
+
+    The sum stays a tensor on the batch's device: reading it here would make the host wait for
+    the device at every micro-batch.
+    """
     named = _named(batch)
     if named is None:
         return None
-    for key, count in (("attention_mask", lambda t: int(t.sum())), ("input_ids", lambda t: t.numel())):
+    for key, count in (("attention_mask", lambda t: t.sum()), ("input_ids", lambda t: t.numel())):
         if isinstance(named.get(key), torch.Tensor):
             return count(named[key])
     return None

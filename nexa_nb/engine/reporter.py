@@ -3,10 +3,13 @@
 `StepReporter` turns the loop's raw figures (a step's local loss, its time, samples and
 tokens) into `StepEnd` events with the loss averaged over ranks, throttles what the live
 view needs only a few times a second, and keeps one history entry per optimizer step.
+The figures the device computes are read without waiting for it (`DeviceReads`), so the
+loop never drains the device's queue to report a step.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -45,33 +48,91 @@ class MeanOverRanks:
     all-reduce already did): it cost several per cent of the step rate on CPU processes. So
     every rank posts an asynchronous all-reduce at the end of each step, in the same order on
     all ranks, and collects the result at the end of the next step, when it has long arrived.
+    The mean stays a tensor on the device: `DeviceReads` brings it to the host.
     """
 
     def __init__(self, world: int):
         self.world = world
         self.pending: tuple[torch.Tensor, Any, Any] | None = None
 
-    def post(self, local: torch.Tensor, payload: Any) -> tuple[float, Any] | None:
+    def post(self, local: torch.Tensor, payload: Any) -> tuple[torch.Tensor, Any] | None:
         """Start averaging `local`; return the previous step's (mean, payload), if one waits."""
         finished = self.finish()
-        total = local.detach().float().clone()
+        total = local.detach().float()
         work = None
         if self.world > 1:
             import torch.distributed as dist
 
+            total = total.clone()  # the all-reduce sums in place
             work = dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True)
         self.pending = (total, work, payload)
         return finished
 
-    def finish(self) -> tuple[float, Any] | None:
-        """The pending step's (mean, payload), waiting for it if needed; None when none waits."""
+    def finish(self) -> tuple[torch.Tensor, Any] | None:
+        """The pending step's (mean, payload); None when none waits.
+
+        With gloo (CPU) `wait` blocks until the all-reduce is done; with NCCL it only orders the
+        device's queue after it, and the host goes on.
+        """
         if self.pending is None:
             return None
         total, work, payload = self.pending
         self.pending = None
         if work is not None:
             work.wait()
-        return (total / self.world).item(), payload
+        return (total / self.world if self.world > 1 else total), payload
+
+
+Figures = dict[str, "torch.Tensor | float | int | None"]
+
+
+class DeviceReads:
+    """A step's figures that the device computes (losses, gradient norm, tokens), read by the
+    host without making it wait for the device.
+
+    On a GPU, ``.item()``, ``float()`` or ``int()`` of a tensor waits until the device has run
+    everything queued so far, the step just queued included: the host stops feeding the device,
+    which then idles while the host prepares the next step. So `put` stacks a step's device
+    tensors, copies them into pinned host memory with a non-blocking copy and records an event
+    after the copy; `ready` hands back, in order, the steps whose event has passed, polled and
+    never waited for unless asked (at the end, or before an evaluation or a save, which wait for
+    the device anyway). On the CPU there is nothing to wait for: a step is ready at once.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: collections.deque = collections.deque()
+
+    def put(self, figures: Figures, payload: Any) -> None:
+        """Queue `figures` (tensors on this device, or plain numbers and None) with `payload`;
+        a tensor on the host in a GPU run is read at once (there is nothing to wait for)."""
+        names = [k for k, v in figures.items() if isinstance(v, torch.Tensor) and v.device == self.device]
+        plain = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in figures.items() if k not in names}
+        values: torch.Tensor | list[torch.Tensor] = [figures[k] for k in names]  # on the CPU: read as they are
+        event = None
+        if names and self.device.type == "cuda":
+            # One stack, so one copy per step; float64 keeps token counts exact.
+            stacked = torch.stack([v.detach().to(torch.float64) for v in values])
+            values = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            values.copy_(stacked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((names, values, event, plain, payload))
+
+    def ready(self, wait: bool = False) -> list[tuple[dict[str, float | None], Any]]:
+        """(figures as numbers, payload) of the queued steps the device has finished, oldest first;
+        every queued step with `wait`."""
+        done = []
+        while self.pending:
+            names, values, event, plain, payload = self.pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self.pending.popleft()
+            numbers = values.tolist() if isinstance(values, torch.Tensor) else [v.tolist() for v in values]
+            done.append(({**plain, **dict(zip(names, numbers))}, payload))
+        return done
 
 
 def memory_sample(device: torch.device) -> ev.MemorySample:
@@ -107,7 +168,8 @@ class StepReporter:
         self.memory_due, self.micro_step_due, self.peer_step_due = Every(0.5), Every(0.25), Every(0.25)
         self.memory: ev.MemorySample | None = None
         self.mean_loss = MeanOverRanks(accelerator.num_processes)
-        self.grad_norms: list[float] = []
+        self.reads = DeviceReads(accelerator.device)
+        self.grad_norm_sum, self.grad_norm_count = 0.0, 0  # of the finite norms, for their running mean
         self.eval_metrics: dict[str, float] = {}
         self.last_checkpoint: str | None = None
         self.start_window()
@@ -138,52 +200,70 @@ class StepReporter:
             self.emit(ev.MicroStep(rank=self.rank, step=step, micro=micro, of=self.plan.grad_accum))
 
     def trained(self, batch) -> None:
-        """A micro-batch was trained: count its samples and tokens."""
+        """A micro-batch was trained: count its samples and tokens (a tensor, when the count is
+        the attention mask's sum: it is read with the step's other figures)."""
         self.samples += self.plan.micro_batch
         n_tokens = count_tokens(batch)
-        self.tokens = None if n_tokens is None else (self.tokens or 0) + n_tokens
+        self.tokens = None if n_tokens is None else n_tokens + (0 if self.tokens is None else self.tokens)
 
     def step_end(self, step: int, epoch: int, local_loss: torch.Tensor, lr: float, grad_norm, *, now: bool) -> None:
         """Optimizer step `step` finished with this rank's loss `local_loss`.
 
-        Its mean over ranks is reported at the next step, or at once when `now` (an evaluation
-        or a save follows), when the step was slow (no waiting worth saving) or the last one.
+        Nothing here waits for the device: the loss, its mean over ranks, the gradient norm and
+        the token count are read when the device has computed them (`DeviceReads`), usually a
+        step or two later. Everything is read at once when `now` (an evaluation or a save
+        follows) or at the last step; the mean over ranks is collected at once when the step
+        was slow (no waiting worth saving).
         """
         elapsed = time.perf_counter() - self.window_start
-        norm = float(grad_norm) if grad_norm is not None else None
-        if norm is not None and math.isfinite(norm):
-            self.grad_norms.append(norm)
         if self.memory_due():
             self.memory = memory_sample(self.accelerator.device)
         report = ev.StepEnd(
             rank=self.rank,
             step=step,
             total_steps=self.total_steps,
-            loss=local_loss.item(),
+            loss=math.nan,  # the figures read from the device are filled in by `_record`
             lr=lr,
-            grad_norm=norm,
+            grad_norm=None,
             samples_per_s=self.samples / elapsed if elapsed > 0 else 0.0,
             memory=self.memory,
             epoch=epoch,
-            tokens_per_s=(self.tokens / elapsed) if self.tokens and elapsed > 0 else None,
+            tokens_per_s=None,
             grad_accum=self.plan.grad_accum,
             micro_batch=self.plan.micro_batch,
             accum_time_s=elapsed,
-            mean_grad_norm=sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None,
         )
-        self._record(self.mean_loss.post(local_loss, report))
-        if now or elapsed >= 0.25 or step >= self.total_steps:
-            self._record(self.mean_loss.finish())
+        figures = {"loss": local_loss, "grad_norm": grad_norm, "tokens": self.tokens}
+        last = now or step >= self.total_steps
+        self._read(self.mean_loss.post(local_loss, (figures, report)))
+        if last or elapsed >= 0.25:
+            self._read(self.mean_loss.finish())
+        for values, read in self.reads.ready(wait=last):
+            self._record(values, read)
 
-    def _record(self, finished: tuple[float, ev.StepEnd] | None) -> None:
-        """Put a step whose mean loss is known into the history, the sinks and the trackers."""
-        if finished is None:
-            return
-        global_loss, report = finished
+    def _read(self, finished: tuple[torch.Tensor, tuple[Figures, ev.StepEnd]] | None) -> None:
+        """Queue a step whose mean loss is computed for reading."""
+        if finished is not None:
+            mean_loss, (figures, report) = finished
+            self.reads.put({**figures, "mean_loss": mean_loss}, report)
+
+    def _record(self, values: dict[str, float | None], report: ev.StepEnd) -> None:
+        """Put a step whose figures are read into the history, the sinks and the trackers."""
+        norm, tokens, elapsed = values["grad_norm"], values["tokens"], report.accum_time_s
+        if norm is not None and math.isfinite(norm):
+            self.grad_norm_sum, self.grad_norm_count = self.grad_norm_sum + norm, self.grad_norm_count + 1
+        report = dataclasses.replace(
+            report,
+            loss=values["loss"],
+            grad_norm=norm,
+            tokens_per_s=tokens / elapsed if tokens and elapsed > 0 else None,
+            mean_grad_norm=self.grad_norm_sum / self.grad_norm_count if self.grad_norm_count else None,
+            mean_loss=values["mean_loss"],
+        )
         self.history.append(
             {
                 "step": report.step,
-                "loss": global_loss,
+                "loss": report.mean_loss,
                 "lr": report.lr,
                 "grad_norm": report.grad_norm,
                 "epoch": report.epoch,
@@ -191,11 +271,11 @@ class StepReporter:
             }
         )
         if self.rank == 0 or self.peer_step_due() or report.step >= self.total_steps:
-            self.emit(dataclasses.replace(report, mean_loss=global_loss))
+            self.emit(report)
         if self.trackers:
             self.accelerator.log(
                 {
-                    "train/loss": global_loss,
+                    "train/loss": report.mean_loss,
                     "train/lr": report.lr,
                     **({"train/grad_norm": report.grad_norm} if report.grad_norm is not None else {}),
                 },
@@ -213,9 +293,13 @@ class StepReporter:
         self.emit_main(ev.CheckpointSaved(step=step, path=path))
 
     def close(self) -> None:
-        """Close the trackers, whether the loop finished or not."""
-        if self.trackers:
-            self.accelerator.end_training()
+        """Close the trackers, whether the loop finished or not.
+
+        Not ``accelerator.end_training()``: it also destroys the process group, which the final
+        model's save still needs in several processes.
+        """
+        for tracker in self.accelerator.trackers if self.trackers else ():
+            tracker.finish()
 
     def ended(self, status: str, step: int, final_loss: float | None, message: str) -> None:
         end_stream(

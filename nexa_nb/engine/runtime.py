@@ -169,7 +169,11 @@ def build_accelerator(plan: Plan):
     accelerator = Accelerator(
         **kwargs,
         kwargs_handlers=handlers,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=plan.config.seed),
+        # On a GPU, batches go to the device by non-blocking copies (from pinned memory: the loaders
+        # pin them): a blocking copy waits for everything the device has queued, at every batch.
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=plan.config.seed, non_blocking=plan.device == "cuda"
+        ),
         step_scheduler_with_optimizer=False,
     )
     reported = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
@@ -317,6 +321,7 @@ def make_loaders(task: Task, plan: Plan):
             collate_fn=collate,
             drop_last=True,
             generator=torch.Generator().manual_seed(seed),
+            pin_memory=plan.device == "cuda",
         )
     eval_loader = None
     if task.eval_data is not None:
@@ -372,7 +377,7 @@ class StreamBatches:
             else:
                 mine = shares
             where, share = mine[0]
-            yield where, map_tensors(lambda t: t.to(self.device), self.collate(share))
+            yield where, map_tensors(lambda t: t.to(self.device, non_blocking=True), self.collate(share))
 
     def _read(self, start_pass: int, skip: int) -> Iterator[tuple[tuple[int, int], Any]]:
         """((pass, samples read in it), sample) for every sample after the first `skip`, pass after pass."""

@@ -15,6 +15,7 @@ import html
 import math
 from dataclasses import dataclass
 
+from nexa_nb.accumulation import AccumulationTally
 from nexa_nb.events import (
     CheckpointSaved,
     EvalEnd,
@@ -102,6 +103,7 @@ class RunRecord(Sink):
         self.last_checkpoint: CheckpointSaved | None = None
         self.notes: list[Note] = []
         self.first_mean_loss: float | None = None  # the run's first loss, averaged over ranks like the last
+        self.accumulation = AccumulationTally()
 
     def on_run_started(self, event: RunStarted) -> None:
         self.started = event
@@ -113,6 +115,7 @@ class RunRecord(Sink):
 
     def on_step_end(self, event: StepEnd) -> None:
         self.loss.setdefault(event.rank, Series()).append(event.step, event.loss)
+        self.accumulation.on_step_end(event)
         self.latest[event.rank] = event
         if event.rank == 0:
             if self.first_mean_loss is None:
@@ -283,6 +286,9 @@ def summary_text(record: RunRecord) -> str:
     checkpoint = (ended and ended.checkpoint_dir) or (record.last_checkpoint and record.last_checkpoint.path)
     if checkpoint:
         text += f" Checkpoint: {checkpoint}."
+    accumulation = record.accumulation.stats()
+    if accumulation is not None and plan.get("grad_accum", 1) > 1:
+        text += " " + accumulation.line()
     return text
 
 
