@@ -1,8 +1,9 @@
 """nbval settings for the tutorial notebooks: ``pytest --nbval-lax notebooks/``.
 
 Cells marked ``# NBVAL_CHECK_OUTPUT`` are compared with their saved output. The memory
-plans in those cells mention how much host memory is free right now; that number is
-replaced by a placeholder on both sides before the comparison. When ``--nbval-sanitize-with
+plans in those cells mention how much host memory is free right now, and exported commands
+the path of the kernel's Python; both are replaced by a placeholder on both sides before the
+comparison. When ``--nbval-sanitize-with
 FILE`` is given, FILE is used instead.
 
 The notebooks name the kernel ``python3``: Jupyter starts it with the Python that runs
@@ -18,9 +19,12 @@ import tempfile
 
 # Host memory free now: "19.94 GiB available", "within 8.97 GiB usable (90% of 9.97 GiB) per
 # device and 19.94 GiB of host memory".
+# The kernel's own Python, which exported commands name: "/home/me/env/bin/python -m accelerate...".
 SANITIZE = r"""
 regex: \d+(\.\d+)? (B|KiB|MiB|GiB|TiB)(?= available| usable|\) per device| of host memory)
 replace: <host memory>
+regex: \S*/bin/python[0-9.]*(?= -m )
+replace: <python>
 """
 
 

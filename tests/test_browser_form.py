@@ -154,11 +154,14 @@ def train(form: Form) -> tuple[dict, dict]:
         snap = form.page.evaluate(RUN_JS, FORM_CELL)
         frame = snap and snap["live"]
         if frame and not live and {"0", "1"} <= {rank for rank, n in frame["points"].items() if n > 1}:
-            live = frame
             form.cell.locator(".widget-output").scroll_into_view_if_needed()
-            form.page.screenshot(path=ARTIFACTS / "form-training.png")
             button, progress = form.train.bounding_box(), form.cell.locator(".nexa-progress").bounding_box()
-            assert progress["y"] > button["y"] + button["height"], f"the dashboard is not under the form: {progress}"
+            if progress is not None:  # None when the live view was replaced by the final picture meanwhile
+                live = frame
+                form.page.screenshot(path=ARTIFACTS / "form-training.png")
+                assert progress["y"] > button["y"] + button["height"], (
+                    f"the dashboard is not under the form: {progress}"
+                )
         if snap and snap["final"]:
             break
         time.sleep(0.1)

@@ -260,7 +260,7 @@ def test_unrelated_environment_variables_are_ignored():
         ({"zero": 2, "offload_optimizer": "nvme"}, "nvme_path"),
         ({"zero": 3, "offload_param": "nvme", "nvme_path": "no/such/folder"}, "nvme_path"),
         ({"precision": "fp8"}, "precision"),
-        ({"trackers": ["tensorboard", "wandb"]}, "trackers"),
+        ({"trackers": ["tensorboard", "comet"]}, "trackers"),
         ({"ckpt_every": 10}, "ckpt_every"),
         ({"ckpt_dir": "ckpts", "ckpt_every": 0}, "ckpt_every"),
         ({"resume": "latest"}, "resume"),
