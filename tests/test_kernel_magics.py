@@ -9,7 +9,6 @@ UsageError line.
 from __future__ import annotations
 
 import json
-import sys
 
 import nbformat
 import pytest
@@ -55,24 +54,6 @@ CELLS = [
 
 def stream(cell, name: str = "stdout") -> str:
     return "".join(o["text"] for o in cell.outputs if o["output_type"] == "stream" and o["name"] == name)
-
-
-@pytest.fixture
-def kernel_name(tmp_path, monkeypatch):
-    """A kernelspec for this interpreter, found through JUPYTER_PATH."""
-    spec = tmp_path / "jupyter" / "kernels" / "nexa-test"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "nexa_nb test",
-                "language": "python",
-            }
-        )
-    )
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    return "nexa-test"
 
 
 def test_notebook_trains_with_the_magics(tmp_path, kernel_name):

@@ -553,7 +553,8 @@ def test_saved_config_passes_accelerate_test(shell, nexa, tmp_path):
 def test_saved_deepspeed_config_runs_under_accelerate_launch(shell, nexa, tmp_path):
     saved_yaml(shell, "--zero 3 --bf16 --procs 2")
     (tmp_path / "show.py").write_text(
-        "import os\nprint('WORLD', os.environ['WORLD_SIZE'], os.environ['ACCELERATE_USE_DEEPSPEED'])\n"
+        # one write per line: two processes share the pipe, and print's pieces would interleave
+        "import os\nprint(f\"WORLD {os.environ['WORLD_SIZE']} {os.environ['ACCELERATE_USE_DEEPSPEED']}\", flush=True)\n"
     )
     out = accelerate_cli("launch", "--config_file", "acc.yaml", "show.py", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
