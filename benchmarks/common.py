@@ -16,9 +16,10 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ class StepClock:
     """A ``Task.forward`` that notes when each forward pass starts (``time.time()``, per process).
 
     ``calls`` is how many forward passes the run makes on each rank; after the last one, the
-    rank writes ``<folder>/<label>-rank<R>.json`` with the times and its torch thread count.
+    rank writes ``<folder>/<label>-rank<R>.json`` with the times, the process's minor page faults
+    at each of them and its torch thread count.
     The forward itself is nexa_nb's default: ``model(**batch)`` for a dict batch,
     ``model(*batch[:-1])`` for a tuple (the last item is the target).
 
@@ -48,6 +50,7 @@ class StepClock:
         self.calls = calls
         self.sync_calls = tuple(sync_calls)
         self.times: list[float] = []
+        self.faults: list[int] = []  # the process's minor page faults so far, at each forward
 
     def __call__(self, model, batch):
         if len(self.times) in self.sync_calls:
@@ -56,6 +59,7 @@ class StepClock:
             if torch.cuda.is_initialized():
                 torch.cuda.synchronize()
         self.times.append(time.time())
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
         if len(self.times) == self.calls:
             self._write()
         if isinstance(batch, dict):
@@ -69,7 +73,15 @@ class StepClock:
         path = Path(self.folder) / f"{self.label}-rank{rank}.json"
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         path.write_text(
-            json.dumps({"times": self.times, "threads": torch.get_num_threads(), "cores": cores, "pid": os.getpid()})
+            json.dumps(
+                {
+                    "times": self.times,
+                    "faults": self.faults,
+                    "threads": torch.get_num_threads(),
+                    "cores": cores,
+                    "pid": os.getpid(),
+                }
+            )
         )
 
 
@@ -86,6 +98,12 @@ def read_clock(folder: str | os.PathLike, label: str, rank: int = 0) -> dict[str
 def step_starts(times: list[float], micro_per_step: int) -> list[float]:
     """The start of every optimizer step: the first forward of each group of micro-batches."""
     return times[::micro_per_step]
+
+
+def steady_faults_per_step(faults: list[int], micro_per_step: int, warmup: int, measured: int) -> float:
+    """Mean minor page faults per optimizer step over the same steps as `steady_seconds_per_step`."""
+    starts = faults[::micro_per_step]
+    return (starts[warmup + measured] - starts[warmup]) / measured
 
 
 def steady_seconds_per_step(times: list[float], micro_per_step: int, warmup: int, measured: int) -> float:
@@ -383,9 +401,26 @@ def versions() -> dict[str, str]:
 # --- results -----------------------------------------------------------------------------
 
 
-def results_path(out_dir: str | os.PathLike, device: str, suffix: str = "") -> Path:
+def results_path(out_dir: str | os.PathLike, device: str, suffix: str = "", figures: Iterable[int | str] = ()) -> Path:
+    """``<out_dir>/<date>-<device>-fig<N>_<N>...<suffix>.json``: named by the figures it holds, so
+    runs of different figures never share a name (`write_results` keeps an existing file too)."""
     today = datetime.date.today().isoformat()
-    return Path(out_dir) / f"{today}-{device}{suffix}.json"
+    held = "_".join(str(f) for f in figures)
+    return Path(out_dir) / f"{today}-{device}{f'-fig{held}' if held else ''}{suffix}.json"
+
+
+def reserve_new(path: Path) -> Path:
+    """`path`, or the first of ``<stem>-2``, ``<stem>-3``, ... beside it that does not exist,
+    created empty (exclusively, so two runs finishing at once get two names)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return candidate
+        except FileExistsError:
+            n += 1
 
 
 def write_results(
@@ -397,8 +432,10 @@ def write_results(
     load_before: list[float],
     load_after: list[float],
     extra: dict[str, Any] | None = None,
-) -> None:
-    """Write the JSON atomically (a ``.tmp`` beside it, then renamed)."""
+) -> Path:
+    """Write the JSON atomically (a ``.tmp`` beside it, then renamed) to `path`, or, when a file
+    of that name exists, to the next free ``-2``, ``-3`` name (`reserve_new`): an earlier
+    results file is never overwritten. Returns the path written."""
     data = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device,
@@ -408,10 +445,17 @@ def write_results(
         "figures": {f.key: f.as_dict() for f in figures},
         **(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=1, default=str) + "\n"
+    path = reserve_new(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # no empty or half-written results file left behind
+        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def table(figures: list[Figure]) -> str:

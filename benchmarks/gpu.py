@@ -611,9 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
 
     device = "-".join(gpu_name.lower().replace("nvidia", "").split()) or "gpu"
-    path = results_path(args.out, device, "-quick" if args.quick else "")
-    write_results(
-        path,
+    path = write_results(
+        results_path(args.out, device, "-quick" if args.quick else "", figures=sorted(wanted)),
         device=gpu_name,
         settings={**asdict(s), "figures_run": sorted(wanted), "quick": args.quick},
         figures=figures,

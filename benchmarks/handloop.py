@@ -17,8 +17,9 @@
 It is given what nexa_nb's engine is given: the same Task (model factory, data, loss, and the
 `StepClock` forward), seed, precision, micro-batch, accumulation, AdamW settings, clip norm
 and a constant learning-rate schedule; the same seedable sampler, so the data order is the
-same; and the same torch thread count per process (nexa_nb's launcher sets
-``physical cores // processes``); and it is started as nexa_nb starts its engine (see
+same; the same torch thread count per process (nexa_nb's launcher sets
+``physical cores // processes``) and, unless ``keep_freed=False``, the same setting of the C
+allocator (`nexa_nb.engine.host_memory`); and it is started as nexa_nb starts its engine (see
 `run_hand_loop`). It does none of nexa_nb's extras: no per-step loss all-reduce, no events,
 no memory sampling.
 
@@ -104,10 +105,17 @@ def hand_loop(
 
 
 def _worker(
-    procs: int, task, options: dict[str, Any], sync_every_micro_step: bool, weights_out: str | None, all_forked
+    procs: int,
+    task,
+    options: dict[str, Any],
+    sync_every_micro_step: bool,
+    weights_out: str | None,
+    keep_freed: bool,
+    all_forked,
 ) -> None:
     import torch
 
+    from nexa_nb.engine.host_memory import keep_freed_memory
     from nexa_nb.hardware import usable_cores
     from nexa_nb.plan import cpu_threads_per_process
 
@@ -118,11 +126,17 @@ def _worker(
         threads = cpu_threads_per_process(procs, usable_cores())
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    if keep_freed:
+        keep_freed_memory()  # as nexa_nb's engine does before its first step
     hand_loop(task, options, sync_every_micro_step, weights_out)
 
 
 def run_hand_loop(
-    task, options: dict[str, Any], sync_every_micro_step: bool = False, weights_out: str | None = None
+    task,
+    options: dict[str, Any],
+    sync_every_micro_step: bool = False,
+    weights_out: str | None = None,
+    keep_freed: bool = True,
 ) -> None:
     """Start `hand_loop` the way nexa_nb starts its engine: a forked process for one,
     `accelerate.notebook_launcher` (forked workers) for several."""
@@ -135,6 +149,7 @@ def run_hand_loop(
         options,
         sync_every_micro_step,
         weights_out,
+        keep_freed,
         multiprocessing.get_context("fork").Barrier(procs),
     )
     # As nexa_nb's launcher does before forking: the workers' garbage collector then leaves

@@ -16,7 +16,7 @@ A second figure isolates the activations: the resident memory a step adds in the
 start) / the traced activation peak at the micro-batch.  The step's growth also holds the
 gradients made in backward (model states, not activations), which set the peak when
 checkpointing leaves few activations.  Results go to
-``benchmarks/results/<date>-cpu-memory-plan.json``.
+``benchmarks/results/<date>-cpu-memory-plan.json`` (``-2``, ``-3`` ... when that file exists).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import nexa_nb
+from benchmarks.common import reserve_new
 from nexa_nb.memory import CPU_WORKER_BYTES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,6 +121,7 @@ def one_case(size: str, grad_ckpt: bool, zero: int, steps: int) -> dict:
             batch_size=MICRO_BATCH,
             max_steps=steps,
             output_dir=str(Path(folder, "model")),
+            run_dir=str(Path(folder, "record")),  # not in the repository's nexa_runs/
             sinks=[],
         )
         start = json.loads(Path(folder, "start-0.json").read_text())
@@ -171,12 +173,12 @@ def main() -> None:
             f"measured {c['step_measured_bytes'] / 2**20:7.1f} MiB ratio {c['step_ratio']:.2f}"
         )
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    out = args.out / f"{stamp}-cpu-memory-plan{'-quick' if args.quick else ''}.json"
-    args.out.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     versions = {name: importlib.metadata.version(name) for name in ("torch", "deepspeed", "accelerate", "transformers")}
     results = {"goal": GOAL, "machine": machine, "versions": versions, "cases": cases}
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    text = json.dumps(results, indent=2) + "\n"
+    out = reserve_new(args.out / f"{stamp}-cpu-memory-plan{'-quick' if args.quick else ''}.json")
+    out.write_text(text)
     print(f"written: {out}")
 
 

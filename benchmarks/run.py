@@ -12,8 +12,15 @@ Figures (see README.md for the method of each):
 6. tutorials (only with ``--notebooks``): wall time and peak memory of each notebook in notebooks/
 10. kernel memory (only with ``--only 10``): the kernel's RSS growth per model parameter while
     GPT-2-style models of 10M, 50M and 150M parameters train under ZeRO-3 in 2 processes
+11. run-record cost: optimizer steps/s, nexa_nb.train (which writes the run's record) / the same
+    plan launched with no record, 2 processes
+12. attach lag: seconds from the end of a step in a detached run's worker to a follower
+    (``nexa_nb.attach``, what ``%nexa_attach`` calls) seeing it, median and 95th percentile
+13. against a plain hand loop: figure 1 in 1 process, the hand loop without nexa_nb's setting of
+    the C allocator (what a user's own loop in a forked process gets)
 
-Results go to ``benchmarks/results/<date>-cpu.json`` (``--out`` to put them elsewhere).
+Results go to ``benchmarks/results/<date>-cpu-fig<N>_<N>....json``, named by the figures run
+(``--out`` to put them elsewhere); an existing file is never overwritten (``-2``, ``-3`` ...).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +68,7 @@ from benchmarks.common import (  # noqa: E402  (after the thread setting, on pur
     read_clock,
     results_path,
     side,
+    steady_faults_per_step,
     steady_seconds_per_step,
     step_starts,
     table,
@@ -67,6 +76,7 @@ from benchmarks.common import (  # noqa: E402  (after the thread setting, on pur
 )
 from benchmarks.handloop import run_hand_loop  # noqa: E402
 from benchmarks.tasks import MlpShape, mlp_task  # noqa: E402
+from nexa_nb import events as ev  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,6 +101,13 @@ class Settings:
     accum_micro_batch: int = 4
     accum_steps: int = 4
     dashboard_procs: int = 2
+    record_procs: int = 2
+    """Figure 11 (with figure 1's model, micro-batch and steps)."""
+    attach_procs: int = 2
+    attach_runs: int = 3
+    """Figure 12: detached runs, each followed from its start to its end."""
+    attach_steps: int = 300
+    """Figure 12: optimizer steps per run (seconds of steps, each giving one lag)."""
     startup_procs: int = 2
     load_ext_repeats: int = 10
     notebooks: str = "*"
@@ -113,6 +130,8 @@ QUICK = Settings(
     accum_shape=MlpShape(32, 64, 1),
     accum_micro_batch=4,
     load_ext_repeats=2,
+    attach_runs=1,
+    attach_steps=5,
 )
 
 
@@ -147,10 +166,11 @@ def samples_for(opts: dict) -> int:
 
 @dataclass
 class Timed:
-    """One timed run: mean seconds per steady optimizer step, rank 0's torch threads and the cores
-    it could run on, final weights."""
+    """One timed run: mean seconds and minor page faults per steady optimizer step, rank 0's
+    torch threads and the cores it could run on, final weights."""
 
     seconds: float
+    faults: float
     threads: int
     cores: list[int]
     weights: dict
@@ -160,7 +180,7 @@ class Runs:
     """Timed runs of both sides on the same task, each with its own `StepClock`."""
 
     def __init__(self, work: Path):
-        self.work = work
+        self.work = Path(tempfile.mkdtemp(prefix="runs-", dir=work))  # its own: labels restart at 1
         self.count = 0
 
     def _clock(self, opts: dict, name: str) -> StepClock:
@@ -170,7 +190,8 @@ class Runs:
     def _timed(self, clock: StepClock, opts: dict, steps: Steps, weights: dict) -> Timed:
         data = read_clock(self.work, clock.label)
         seconds = steady_seconds_per_step(data["times"], opts["grad_accum"], steps.warmup, steps.measured)
-        return Timed(seconds, data["threads"], data["cores"], weights)
+        faults = steady_faults_per_step(data["faults"], opts["grad_accum"], steps.warmup, steps.measured)
+        return Timed(seconds, faults, data["threads"], data["cores"], weights)
 
     def nexa(self, shape: MlpShape, opts: dict, steps: Steps, sinks=()) -> Timed:
         import nexa_nb
@@ -178,15 +199,35 @@ class Runs:
         clock = self._clock(opts, "nexa")
         model_dir = self.work / f"{clock.label}-model"  # written after the timed steps
         task = mlp_task(shape, samples_for(opts), forward=clock)
-        result = nexa_nb.train(task, sinks=list(sinks), output_dir=str(model_dir), **opts)
+        record = str(self.work / f"{clock.label}-record")  # the run's record, out of the repository
+        result = nexa_nb.train(task, sinks=list(sinks), output_dir=str(model_dir), run_dir=record, **opts)
+        return self._completed(result, clock, opts, steps)
+
+    def unrecorded(self, shape: MlpShape, opts: dict, steps: Steps) -> Timed:
+        """As `nexa`, with no run record: the plan `nexa_nb.train` makes, given to the launcher
+        `train` calls (`nexa_nb.launch.launch`) without the record's writer."""
+        from nexa_nb.api import TrainResult, prepare
+        from nexa_nb.config import resolve_config
+        from nexa_nb.launch import launch
+
+        clock = self._clock(opts, "unrecorded")
+        task = mlp_task(shape, samples_for(opts), forward=clock)
+        plan = prepare(task, resolve_config(arguments={**opts, "output_dir": str(self.work / f"{clock.label}-model")}))
+        result = TrainResult.from_outcome(launch(plan, task, [], record=None), plan, task)
+        return self._completed(result, clock, opts, steps)
+
+    def _completed(self, result, clock: StepClock, opts: dict, steps: Steps) -> Timed:
         if result.status != "completed" or len(result.history) != opts["max_steps"]:
             raise RuntimeError(f"nexa_nb run did not complete: {result!r}")
         return self._timed(clock, opts, steps, result.trained_model().state_dict())
 
-    def hand(self, shape: MlpShape, opts: dict, steps: Steps, sync_every_micro_step: bool = False) -> Timed:
+    def hand(
+        self, shape: MlpShape, opts: dict, steps: Steps, sync_every_micro_step: bool = False, keep_freed: bool = True
+    ) -> Timed:
         clock = self._clock(opts, "hand")
         path = self.work / f"{clock.label}-weights.pt"
-        run_hand_loop(mlp_task(shape, samples_for(opts), forward=clock), opts, sync_every_micro_step, str(path))
+        task = mlp_task(shape, samples_for(opts), forward=clock)
+        run_hand_loop(task, opts, sync_every_micro_step, str(path), keep_freed=keep_freed)
         return self._timed(clock, opts, steps, torch.load(path))
 
 
@@ -197,8 +238,12 @@ def max_difference(a: dict, b: dict) -> float:
 # --- figure 1 ----------------------------------------------------------------------------
 
 
-def loop_parity(s: Settings, work: Path, procs: int) -> Figure:
+def loop_parity(s: Settings, work: Path, procs: int, plain_hand_loop: bool = False) -> Figure:
     """Optimizer steps/s of nexa_nb.train / the hand-written Accelerate loop, same task.
+
+    The hand loop's process gets nexa_nb's setting of the C allocator (see
+    `nexa_nb.engine.host_memory`), so the figure compares the loops alone; with
+    `plain_hand_loop` it does not (figure 13: what a user's own loop in a forked process gets).
 
     Both sides start the way nexa_nb does (a forked process for one, `notebook_launcher` for
     several) and time steps ``warmup .. warmup + measured`` inside rank 0 with the same
@@ -218,11 +263,12 @@ def loop_parity(s: Settings, work: Path, procs: int) -> Figure:
         return 1 / nexa_runs[-1].seconds
 
     def hand(i):
-        hand_runs.append(runs.hand(s.parity_shape, opts, steps))
+        hand_runs.append(runs.hand(s.parity_shape, opts, steps, keep_freed=not plain_hand_loop))
         return 1 / hand_runs[-1].seconds
 
+    number, name = (13, "against a plain hand loop") if plain_hand_loop else (1, "loop parity")
     log(
-        f"figure 1: loop parity, {procs} process(es), {s.parity_shape.params:,} parameters, "
+        f"figure {number}: {name}, {procs} process(es), {s.parity_shape.params:,} parameters, "
         f"micro-batch {s.parity_micro_batch}, {steps.measured} timed steps"
     )
     pairs = alternate(s.repeats, nexa, hand, log=log, names=("nexa_nb", "hand"))
@@ -233,8 +279,8 @@ def loop_parity(s: Settings, work: Path, procs: int) -> Figure:
         "hand_loop": sorted({tuple(r.cores) for r in hand_runs}),
     }
     return ab_figure(
-        f"1_loop_parity_{procs}proc",
-        f"1 loop parity, {procs} proc",
+        f"{number}_{name.replace(' ', '_')}_{procs}proc",
+        f"{number} {name}, {procs} proc",
         at_least(0.99),
         "optimizer steps/s",
         ("nexa_nb", "hand_loop"),
@@ -252,6 +298,10 @@ def loop_parity(s: Settings, work: Path, procs: int) -> Figure:
         max_weight_difference=difference,
         torch_threads_per_process=threads,
         cores=cores["nexa_nb"],
+        minor_page_faults_per_step={
+            "nexa_nb": [round(r.faults, 1) for r in nexa_runs],
+            "hand_loop": [round(r.faults, 1) for r in hand_runs],
+        },
     )
 
 
@@ -579,7 +629,7 @@ from benchmarks.tasks import MlpShape, mlp_task
 shape, samples, work, label, calls, options = json.loads(sys.argv[1])
 task = mlp_task(MlpShape(**shape), samples, forward=StepClock(work, label, calls))
 started = time.time()
-result = nexa_nb.train(task, **options)
+result = nexa_nb.train(task, run_dir=f"{work}/{label}-record", **options)
 assert result.status == "completed", result
 print(json.dumps({"started": started}))
 """
@@ -825,7 +875,7 @@ first = me.memory_info().rss
 # DeepSpeed's Python side) is a one-time cost, reported apart from the per-parameter figure.
 tiny = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=8192, n_positions=64)
 nexa_nb.train(nexa_nb.Task(lambda: GPT2LMHeadModel(tiny), data, name="warm-up"), zero=3, procs=2, batch_size=2,
-              max_steps=1, sinks=[], output_dir=folder + "-warm-up")
+              max_steps=1, sinks=[], output_dir=folder + "-warm-up", run_dir=folder + "-warm-up-record")
 task = nexa_nb.Task(model, data, name="gpt2")
 gc.collect()
 before = me.memory_info().rss
@@ -839,7 +889,8 @@ def sample():
 
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
-result = nexa_nb.train(task, zero=3, procs=2, batch_size=2, max_steps=3, lr=1e-4, sinks=[], output_dir=folder)
+result = nexa_nb.train(task, zero=3, procs=2, batch_size=2, max_steps=3, lr=1e-4, sinks=[], output_dir=folder,
+                       run_dir=folder + "-record")
 gc.collect()
 after = me.memory_info().rss
 running = False
@@ -881,6 +932,141 @@ def kernel_memory(s: Settings, work: Path) -> list[Figure]:
     return figures
 
 
+# --- figure 11 ---------------------------------------------------------------------------
+
+
+def record_cost(s: Settings, work: Path) -> Figure:
+    """Optimizer steps/s of ``nexa_nb.train``, which writes the run's record, / the same plan
+    launched without one (`Runs.unrecorded`).
+
+    The record is written in the kernel: its folder, ``run.json`` and the workers' log files
+    before the workers start, then each batch of events the drain thread takes from the workers
+    appended to ``events.jsonl`` as JSON (one write per batch), and ``result.json`` after the
+    end. Without a record the drain hands the same events to the same (no) sinks and writes
+    nothing, and the workers' output goes to a temporary folder instead. So the figure is what
+    encoding and writing the events costs the workers, which share the CPU with the kernel.
+    Both sides run with no sink, as in figure 1. Checks: the same final weights, and the
+    recorded runs' records hold every one of rank 0's steps.
+    """
+    from nexa_nb.runs import EVENTS_FILE, Run, history_of
+
+    steps = s.parity_steps
+    opts = options(s, procs=s.record_procs, micro_batch=s.parity_micro_batch, grad_accum=1, steps=steps.total)
+    runs = Runs(work)
+    recorded: list[Timed] = []
+    bare: list[Timed] = []
+
+    def with_record(i):
+        recorded.append(runs.nexa(s.parity_shape, opts, steps))
+        return 1 / recorded[-1].seconds
+
+    def without(i):
+        bare.append(runs.unrecorded(s.parity_shape, opts, steps))
+        return 1 / bare[-1].seconds
+
+    log(
+        f"figure 11: run-record cost, {opts['procs']} processes, {s.parity_shape.params:,} parameters, "
+        f"{steps.measured} timed steps"
+    )
+    pairs = alternate(s.repeats, with_record, without, log=log, names=("recorded", "unrecorded"))
+    records = sorted(runs.work.glob("nexa-*-record"))
+    recorded_steps = [[h["step"] for h in history_of(Run(r).events())] for r in records]
+    difference = max(max_difference(x.weights, y.weights) for x, y in zip(recorded, bare))
+    return ab_figure(
+        "11_record_cost",
+        "11 run record / none",
+        at_least(0.99),
+        "optimizer steps/s",
+        ("recorded", "unrecorded"),
+        pairs.a,
+        pairs.b,
+        checks={
+            "same_final_weights": difference == 0.0,
+            "record_holds_every_step": len(records) == s.repeats
+            and all(r == list(range(1, steps.total + 1)) for r in recorded_steps),
+        },
+        others=pairs.others,
+        quiet_limit=s.max_others,
+        settings=opts,
+        model_params=s.parity_shape.params,
+        max_weight_difference=difference,
+        events_bytes_per_run=[(r / EVENTS_FILE).stat().st_size for r in records],
+    )
+
+
+# --- figure 12 ---------------------------------------------------------------------------
+
+
+class SeenAt(ev.Sink):
+    """A follower's sink: when (``time.time()``) it was handed each of rank 0's steps."""
+
+    def __init__(self):
+        self.seen: dict[int, float] = {}
+
+    def on_step_end(self, event: ev.StepEnd) -> None:
+        if event.rank == 0:
+            self.seen.setdefault(event.step, time.time())
+
+
+def percentile(values: list[float], p: int) -> float:
+    """The `p`-th percentile (inclusive method; the value itself for a single one)."""
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+def attach_lag(s: Settings, work: Path) -> list[Figure]:
+    """Seconds from the end of a step in a detached run's rank-0 worker to a follower seeing it.
+
+    Each run is started with ``nexa_nb.train(..., detach=True)`` (a process of its own, which
+    writes the record) and followed at once with ``nexa_nb.attach`` (what ``%nexa_attach``
+    calls: `runs.follow` reading the record every `runs.POLL_S` s), whose sink notes when each
+    of rank 0's ``StepEnd`` events arrives. The events carry no time, so the end of step k is
+    taken from the worker's `StepClock`: the start of step k + 1's forward (the last step has
+    none and is left out). The lag thus holds everything between a step's end and the follower
+    seeing it: the engine reading the step's loss from the device a step later, the worker's
+    batching of events (one send per 0.1 s), the runner's drain writing the record and the
+    follower's polling. Worker and follower are on one machine, so their clocks agree. Checks:
+    every run completed and the follower saw every one of its steps.
+    """
+    import nexa_nb
+    from nexa_nb.runs import POLL_S
+
+    opts = options(s, procs=s.attach_procs, micro_batch=s.parity_micro_batch, grad_accum=1, steps=s.attach_steps)
+    lags: list[float] = []
+    per_run: list[dict] = []
+    complete = True
+    log(f"figure 12: attach lag, {s.attach_runs} detached run(s) of {s.attach_steps} steps, {opts['procs']} processes")
+    for i in range(s.attach_runs):
+        label = f"detached-{i}"
+        task = mlp_task(s.parity_shape, samples_for(opts), forward=StepClock(work, label, opts["max_steps"]))
+        folders = {"run_dir": str(work / f"{label}-record"), "output_dir": str(work / f"{label}-model")}
+        run = nexa_nb.train(task, detach=True, **folders, **opts)
+        follower = SeenAt()
+        result = nexa_nb.attach(run.run_dir, [follower])
+        ends = read_clock(work, label)["times"][1:]  # step k ended when step k + 1's forward started
+        run_lags = [follower.seen[k] - end for k, end in enumerate(ends, start=1) if k in follower.seen]
+        lags += run_lags
+        complete &= result.status == "completed" and sorted(follower.seen) == list(range(1, s.attach_steps + 1))
+        per_run.append({"median_s": median(run_lags), "max_s": max(run_lags), "steps": len(run_lags)})
+        log(f"    run {i + 1}/{s.attach_runs}: lag median {median(run_lags):.3f} s, max {max(run_lags):.3f} s")
+    details = {"settings": opts, "per_run": per_run, "follower_poll_s": POLL_S}
+    return [
+        Figure(
+            f"12_attach_lag_{name}",
+            f"12 attach lag, {name} (s)",
+            value,
+            at_most(1.0),
+            len(lags),
+            "seconds from a step's end in the worker to the follower",
+            {"lag_s": side(lags)},
+            details,
+            {"runs_completed_and_every_step_seen": complete},
+        )
+        for name, value in (("median", median(lags)), ("p95", percentile(lags, 95)))
+    ]
+
+
 # --- main --------------------------------------------------------------------------------
 
 FIGURES = {
@@ -891,10 +1077,14 @@ FIGURES = {
     5: lambda s, w: [load_ext_time(s, w), startup(s, w)],
     6: tutorials,
     10: kernel_memory,
+    11: lambda s, w: [record_cost(s, w)],
+    12: attach_lag,
+    13: lambda s, w: [loop_parity(s, w, 1, plain_hand_loop=True)],
 }
+DEFAULT_FIGURES = [1, 2, 3, 4, 5, 11, 12, 13]
+"""What a run without ``--only`` measures (figure 6 joins them with ``--notebooks``)."""
 
-
-TIMED = {1, 2, 3, 5, 6}
+TIMED = {1, 2, 3, 5, 6, 11, 12}
 """Figures that time something: other processes' load spoils them (figures 4 and 10 do not)."""
 
 
@@ -969,6 +1159,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def figure_numbers(only: str) -> list[int]:
+    """The figures ``--only`` names, or [] when it names one that is not a CPU figure."""
+    try:
+        numbers = [int(n) for n in only.split(",")]
+    except ValueError:
+        return []
+    return numbers if all(n in FIGURES for n in numbers) else []
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = QUICK if args.quick else Settings()
@@ -977,7 +1176,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, repeats=args.repeats)
     if args.notebooks:
         settings = replace(settings, notebooks=args.notebooks)
-    numbers = [int(n) for n in args.only.split(",")] if args.only else [1, 2, 3, 4, 5] + ([6] if args.notebooks else [])
+    numbers = figure_numbers(args.only) if args.only else DEFAULT_FIGURES + ([6] if args.notebooks else [])
+    if not numbers:
+        print(
+            f"benchmarks.run: --only {args.only}: name figures among {sorted(FIGURES)}, e.g. --only 1,11 "
+            "(the GPU figures 7-9: python -m benchmarks.gpu)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         cores = pin_cores(args.cores)
     except (ValueError, OSError) as exc:
@@ -1005,11 +1211,11 @@ def main(argv: list[str] | None = None) -> int:
             figures += run_figure(number, settings, Path(tmp))
     load_after = load_average()
 
-    noisy = busy or not all(f.checks.get("quiet_machine", True) for f in figures)
+    timed = bool(TIMED & set(numbers))  # a busy machine does not change the others (figures 4, 10)
+    noisy = (busy and timed) or not all(f.checks.get("quiet_machine", True) for f in figures)
     suffix = "-quick" if args.quick else ("-noisy" if noisy else "")
-    path = results_path(args.out, "cpu", suffix)
-    write_results(
-        path,
+    path = write_results(
+        results_path(args.out, "cpu", suffix, figures=numbers),
         device="cpu",
         settings={
             **asdict(settings),

@@ -1,6 +1,7 @@
-"""The CPU benchmark harness in its tiny mode (``--quick``): it runs figures 1-5 end to end and
-writes a complete results file. It checks the harness, never a speed: the machine running the
-tests may be busy, and the quick settings measure nothing meaningful."""
+"""The CPU benchmark harness in its tiny mode (``--quick``): it runs figures 1-5, 11 and 12 end to
+end and writes a complete results file, named by its figures, next to earlier ones. It checks
+the harness, never a speed: the machine running the tests may be busy, and the quick settings
+measure nothing meaningful."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ FIGURES = [
     "4_memory_plan_max",
     "5a_load_ext_seconds",
     "5b_startup",
+    "11_record_cost",
+    "12_attach_lag_median",
+    "12_attach_lag_p95",
+    "13_against_a_plain_hand_loop_1proc",
 ]
 
 
@@ -45,7 +50,7 @@ def test_quick_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (sorted(results.iterdir()) if results.is_dir() else []) == before  # --out was honoured
 
-    [path] = tmp_path.glob("*-cpu-quick.json")
+    [path] = tmp_path.glob("*-cpu-fig1_2_3_4_5_11_12_13-quick.json")
     data = json.loads(path.read_text())
     assert data["device"] == "cpu" and data["settings"]["quick"] is True
     assert {"torch", "accelerate", "deepspeed", "transformers", "nexa-nb"} <= set(data["versions"])
@@ -75,6 +80,12 @@ def test_quick_run_writes_every_figure(tmp_path):
             )
         assert len(figure["load_average"]["before"]) == 3
 
+    # Attach lag: one lag per step but the last (its end is the next step's start), in seconds.
+    lag = data["figures"]["12_attach_lag_median"]
+    assert lag["n"] == data["settings"]["attach_steps"] - 1 and lag["details"]["per_run"]
+    assert all(abs(v) < 60 for v in lag["sides"]["lag_s"]["values"])
+    assert data["figures"]["12_attach_lag_p95"]["ratio"] >= lag["ratio"]
+
     table = proc.stdout[proc.stdout.index("figure ") :]
     for key in FIGURES:
         assert data["figures"][key]["title"] in table
@@ -91,4 +102,36 @@ def test_a_busy_machine_is_refused_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
     assert "load average" in line and "--noisy" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_results_file_is_named_by_its_figures_and_never_overwritten(tmp_path):
+    """Figure 4 (the memory plan against DeepSpeed's estimators: seconds, and untimed) run twice:
+    the second run's file goes beside the first, which stays as it was."""
+    command = [sys.executable, "-m", "benchmarks.run", "--only", "4", "--out", str(tmp_path)]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [path] = tmp_path.iterdir()
+    assert path.name.endswith("-cpu-fig4.json") and path.name in first.stdout
+    written = path.read_bytes()
+
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = path.with_name(path.stem + "-2.json")
+    assert sorted(tmp_path.iterdir()) == sorted([path, again]) and again.name in second.stdout
+    assert path.read_bytes() == written
+    assert json.loads(again.read_text())["settings"]["figures_run"] == [4]
+
+
+def test_an_unknown_figure_is_refused_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "1,7", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert "--only 1,7" in line and "benchmarks.gpu" in line
     assert not list(tmp_path.iterdir())

@@ -85,6 +85,34 @@ def test_loss_is_a_finite_scalar_per_image_and_backpropagates(model, batch):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_untrained_boxes_are_small_enough_for_crossarms_to_get_positive_anchors():
+    """The assigner ranks anchors by CIoU clamped at 0: against Ultralytics' untrained boxes
+    (about 120 px square at 128 px) a thin crossarm's CIoU is negative everywhere, so it gets
+    no positive anchor and is never learnt; `start_with_small_boxes` fixes the start."""
+    data = yolo.DetectionImages(16, seed=0, size=128)
+    batch = yolo.collate([data[i] for i in range(16)])
+    torch.manual_seed(0)
+    stock = yolo.make_model(small_boxes=False)
+    torch.manual_seed(0)
+    small = yolo.make_model()
+    widths = {}
+    for name, model in (("stock", stock), ("small", small)):
+        boxes = yolo.predict(model, batch["img"][:2], conf=0.0, max_det=300)
+        widths[name] = float(torch.cat(boxes)[:, 2:4].sub(torch.cat(boxes)[:, 0:2]).median())
+    assert widths["stock"] > 90 and 12 < widths["small"] < 60
+    assert yolo.assigned_share(stock, batch)["crossarm"] < 0.1
+    share = yolo.assigned_share(small, batch)
+    assert share["crossarm"] > 0.6 and share["pole"] > 0.9
+
+
+def test_assigned_share_leaves_the_model_as_it_was(model, batch):
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    yolo.assigned_share(model, batch)
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def _raw(boxes_xywh, scores):
     """One image's raw head output (1, 4 + nc, anchors) from pixel xywh boxes and class scores."""
     return torch.cat([torch.tensor(boxes_xywh, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32)], 1).T[
@@ -174,6 +202,7 @@ def test_a_real_nexa_nb_run_trains_and_scores_the_task(quiet):
     assert result.status == "completed" and len(result.history) == 3
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert set(result.eval_metrics) >= {"loss", "mAP50", "mAP50-95", "precision", "recall", "images"}
+    assert {"mAP50_pole", "mAP50_crossarm"} <= set(result.eval_metrics)
     assert 0.0 <= result.eval_metrics["mAP50"] <= 1.0 and result.eval_metrics["images"] == 4
     trained = result.trained_model()
     scores = yolo.evaluate(trained, task.eval_data, batch_size=4)

@@ -7,7 +7,9 @@ Everything the notebook needs to turn `yolo_data` images into a `nexa_nb.Task`:
 - `collate`: the batch dict Ultralytics' detection loss reads,
   ``{"img", "batch_idx", "cls", "bboxes"}``.
 - `make_model`: the real YOLOv8n ``DetectionModel`` built from its yaml (random weights,
-  nothing downloaded) with ``nc=2`` and the loss gains in ``model.args``.
+  nothing downloaded) with ``nc=2`` and the loss gains in ``model.args``; its box head starts
+  at small boxes (`start_with_small_boxes`), or thin crossarms are never learnt at 128 px.
+- `assigned_share`: per class, the share of true boxes the loss's assigner trains on.
 - `forward` / `loss_fn`: ``v8DetectionLoss`` through the model's own training forward,
   reduced to the scalar nexa_nb backpropagates.
 - `predict`: inference plus Ultralytics' ``non_max_suppression``.
@@ -33,6 +35,7 @@ here imports torchvision.
 
 from __future__ import annotations
 
+import copy
 import os
 from types import SimpleNamespace
 
@@ -117,11 +120,13 @@ def collate(samples) -> dict[str, torch.Tensor]:
 # --- model and loss ---------------------------------------------------------------------
 
 
-def make_model(cfg: str = "yolov8n.yaml", nc: int = len(CLASS_NAMES), **gains: float):
+def make_model(cfg: str = "yolov8n.yaml", nc: int = len(CLASS_NAMES), small_boxes: bool = True, **gains: float):
     """YOLOv8n (3.0M parameters for nc=2) from the yaml inside the Ultralytics package.
 
     Random initial weights: nothing is downloaded. ``model.args`` holds the loss gains
     `HYP` (override with ``box=``, ``cls=``, ``dfl=``): ``v8DetectionLoss`` reads them there.
+    ``small_boxes`` starts the box head at small boxes (`start_with_small_boxes`); ``False``
+    keeps Ultralytics' own initialisation.
     """
     _ultralytics()
     from ultralytics.nn.tasks import DetectionModel
@@ -130,9 +135,56 @@ def make_model(cfg: str = "yolov8n.yaml", nc: int = len(CLASS_NAMES), **gains: f
     if unknown:
         raise TypeError(f"make_model got unknown loss gains {sorted(unknown)}; known: {sorted(HYP)}")
     model = DetectionModel(cfg, nc=nc, verbose=False)
+    if small_boxes:
+        start_with_small_boxes(model)
     model.args = SimpleNamespace(**{**HYP, **gains})
     model.names = dict(enumerate(CLASS_NAMES[:nc])) if nc <= len(CLASS_NAMES) else {i: str(i) for i in range(nc)}
     return model
+
+
+SMALL_BOX_BIN = 1
+"""The distance bin (in strides) where `start_with_small_boxes` puts each side's mass."""
+
+
+def start_with_small_boxes(model) -> None:
+    """Make the untrained head predict boxes a few strides wide instead of 15 strides wide.
+
+    The head predicts, per anchor and side, a distribution over ``reg_max`` (16) distance
+    bins of one stride each. Ultralytics' ``Detect.bias_init`` gives every bin the same
+    bias, so before training each side sits 7.5 bins from the anchor: a box of about
+    120 x 120 pixels around every stride-8 anchor. Its task-aligned assigner ranks a ground
+    truth's candidate anchors by the CIoU of their predicted box, clamped at 0; for a crossarm
+    of 28 x 3 pixels that CIoU is negative at every anchor (IoU 0.006 minus penalties for
+    aspect ratio and centre distance: -0.024), so the crossarm gets no positive anchor, no box
+    target and a class target of 0 everywhere, and it stays so once the boxes have learnt the
+    shape of poles. Here each side's bias is 5 at bin `SMALL_BOX_BIN` and 0 elsewhere (about
+    1.6 strides on average), so untrained boxes are about 26 pixels wide at stride 8 and both
+    classes get positive anchors from the first step (`assigned_share` counts them).
+    """
+    head = model.model[-1]
+    for branch in head.cv2:  # the box branches, one per stride; the last conv's bias is (4 * reg_max,)
+        bias = branch[-1].bias.data.view(4, head.reg_max)
+        bias.zero_()
+        bias[:, SMALL_BOX_BIN] = 5.0
+
+
+def assigned_share(model, batch) -> dict[str, float]:
+    """Per class, the share of ``batch``'s true boxes to which Ultralytics' task-aligned
+    assigner gives at least one positive anchor, given ``model``'s current predictions: the
+    boxes its loss trains on (a box with none gets no box target and no class target).
+    Runs a copy of the model in training mode, so ``model`` itself is left as it was."""
+    _ultralytics()
+    probe = copy.deepcopy(model).train()
+    criterion = probe.init_criterion()
+    with torch.no_grad():
+        preds = criterion.parse_output(probe(batch["img"]))
+        (fg_mask, target_gt_idx, *_), _loss, _items = criterion.get_assigned_targets_and_loss(preds, batch)
+    hit = []
+    for i in range(batch["img"].shape[0]):  # the loss numbers each image's boxes in batch order
+        assigned = target_gt_idx[i][fg_mask[i]]
+        hit += [bool((assigned == g).any()) for g in range(int((batch["batch_idx"] == i).sum()))]
+    hit, classes = torch.tensor(hit, dtype=torch.float32), batch["cls"].view(-1).long()
+    return {name: float(hit[classes == c].mean()) for c, name in enumerate(CLASS_NAMES) if (classes == c).any()}
 
 
 def forward(model, batch):
@@ -341,6 +393,8 @@ __all__ = [
     "DetectionImages",
     "collate",
     "make_model",
+    "start_with_small_boxes",
+    "assigned_share",
     "forward",
     "loss_fn",
     "loss_items",
