@@ -18,6 +18,11 @@ it: gradient checkpointing and LoRA as the plan sets them, under autocast for pl
 precision, with the model cast to 16 bits under DeepSpeed.  Tensors are traced as CPU tensors,
 so attention takes the CPU kernel's path (which, like CUDA's flash and memory-efficient kernels,
 keeps no attention matrix for backward).
+
+A model that fake tensors cannot run (its constructor or forward reads tensor values in
+Python, as Ultralytics' detectors do) is measured instead: the same two steps on real CPU
+tensors, in the process forked for the trace (`trace_apart`), under a limit on that process's
+memory, and the plan says so in a note.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import copy
 import logging
 import multiprocessing
 import os
+import resource
 import sys
 from dataclasses import dataclass, replace
 
@@ -39,12 +45,13 @@ from torch.utils._pytree import tree_leaves
 from nexa_nb.engine.batches import cast_floats, default_forward, extract_loss, map_tensors
 from nexa_nb.engine.runtime import apply_lora, enable_gradient_checkpointing
 from nexa_nb.errors import TrainingError
-from nexa_nb.memory import ActivationEstimate
+from nexa_nb.memory import ActivationEstimate, count_params
 from nexa_nb.mistakes import known_mistake
 from nexa_nb.plan import Plan
 from nexa_nb.task import Task
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TRACE_TIMEOUT_S = 300  # a model measured on real tensors runs real steps on the CPU
 
 
 @dataclass(frozen=True)
@@ -214,13 +221,13 @@ def estimate_activations(
     if built is None:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         built = (fake_model(task, plan, mode), mode)
-    model, mode = built
+    model, mode = built  # no mode: a real model, measured on the real batch
     traces = []
     for sized in (batch, doubled(batch, micro_batch) if twice is None else twice):
-        with mode:
-            fake_batch = map_tensors(mode.from_tensor, sized)
+        with mode or contextlib.nullcontext():
+            step_batch = map_tensors(mode.from_tensor, sized) if mode else sized
             traces.append(
-                run_step(model, fake_batch, task, plan.precision, cast_model=plan.uses_deepspeed, check=check)
+                run_step(model, step_batch, task, plan.precision, cast_model=plan.uses_deepspeed, check=check)
             )
         check = None
         for p in model.parameters():
@@ -235,7 +242,7 @@ def estimate_activations(
         saved_fixed_bytes=max(0, one.saved_bytes - saved_per_sample * micro_batch),
         grad_ckpt=plan.config.grad_ckpt,
         precision=plan.precision,
-        method="traced",
+        method="traced" if mode else "measured",
     )
 
 
@@ -250,14 +257,15 @@ class FirstStep:
     notes: tuple[str, ...] = ()
 
 
-def trace_first_step(task: Task, plan: Plan, batch, check=None, twice=None) -> FirstStep:
+def trace_first_step(task: Task, plan: Plan, batch, check=None, twice=None, measure: bool = False) -> FirstStep:
     """The task's first training step on fake tensors, with and without gradient checkpointing.
 
     A known mistake in the model, the batch or the loss (`nexa_nb.mistakes`), or a loss the
     engine refuses, raises `TrainingError` with one line naming the fix.  Anything else is not
     refused here (the workers will tell, on real tensors): a model that fake tensors cannot
-    build or run (its factory reads files, its forward reads values in Python) gets a note
-    saying why its activations were not estimated.
+    build or run (its factory reads files, its forward reads values in Python) is measured on
+    real tensors with `measure` (only in a process of its own: see `measure_first_step`), or
+    gets a note saying why its activations were not estimated.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     plain_plan = replace(plan, config=replace(plan.config, grad_ckpt=False))
@@ -267,7 +275,8 @@ def trace_first_step(task: Task, plan: Plan, batch, check=None, twice=None) -> F
         except Exception as exc:  # a factory that fake tensors cannot run, a LoRA that peft refuses, ...
             if isinstance(exc, TrainingError):
                 raise
-            return FirstStep(notes=(_not_traced("the model could not be built on fake tensors", exc),))
+            why = _not_traced("the model could not be built on fake tensors", exc)
+            return measure_first_step(task, plan, batch, twice, why) if measure else FirstStep(notes=(why,))
         total, largest = fake_param_counts(model)
         notes = _lora_note(task, plan)
         try:
@@ -283,9 +292,55 @@ def trace_first_step(task: Task, plan: Plan, batch, check=None, twice=None) -> F
             if mistake:
                 raise TrainingError(mistake) from None
             failed = _not_traced("its first step failed on fake tensors", exc)
+            if measure:
+                return measure_first_step(task, plan, batch, twice, failed)
             return FirstStep(total, largest, notes=(*notes, failed))
         estimates += _checkpointed(task, plan, batch, twice)
     return FirstStep(total, largest, tuple(estimates), notes)
+
+
+def measure_first_step(task: Task, plan: Plan, batch, twice, why: str) -> FirstStep:
+    """The first step (without gradient checkpointing) on a real model and batch, for a model
+    that fake tensors cannot run; `why` is the note to give when that fails too.
+
+    It builds the whole model in this process, so it runs only in the process `trace_apart`
+    forks, whose memory it limits to half of what the machine has available: a model too large
+    for that fails to build here and gets the note, before any worker starts.
+    """
+    import psutil
+
+    plain_plan = replace(plan, config=replace(plan.config, grad_ckpt=False))
+    # One thread: GNU OpenMP's threads do not survive a fork, and a process forked from a kernel
+    # that has run parallel torch work waits for them for ever at its first parallel operation.
+    torch.set_num_threads(1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = psutil.Process().memory_info().vms + psutil.virtual_memory().available // 2
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    try:
+        model = real_model(task, plain_plan)
+        total, largest = count_params(model)
+        estimate = estimate_activations(task, plain_plan, batch, plan.micro_batch, twice=twice, built=(model, None))
+    except TrainingError:
+        raise
+    except Exception as exc:  # a MemoryError under the limit included
+        return FirstStep(notes=(f"{why}; measuring it on real tensors failed too ({type(exc).__name__})",))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    cause = why.removeprefix("activations not estimated: ").split("; ")[0]
+    note = f"activations measured on real tensors in a separate process, as fake tensors could not trace them: {cause}"
+    return FirstStep(total, largest, (estimate,), notes=(*_lora_note(task, plan), note))
+
+
+def real_model(task: Task, plan: Plan) -> torch.nn.Module:
+    """The task's model as the workers build it (LoRA, precision), on real tensors; a module
+    instance is used as it is (this runs in a forked process, whose changes stay there)."""
+    model = task.build_model() if task.model_is_factory() else task.model
+    if plan.config.lora:
+        model = apply_lora(model, plan)
+    dtype = _DTYPES.get(plan.precision)
+    if dtype is not None and plan.uses_deepspeed:
+        model = model.to(dtype)
+    return model
 
 
 def trace_apart(task: Task, plan: Plan, batch, check=None, twice=None) -> FirstStep:
@@ -295,8 +350,8 @@ def trace_apart(task: Task, plan: Plan, batch, check=None, twice=None) -> FirstS
     what they change (a counter in a callable object, a file, the process itself: a factory
     may even end it) stays in that process, and the workers, forked from the kernel later,
     start from the state the user left; what they print is not shown (the workers print it).
-    The kernel gets back the result or the error's line; a process that ends without either
-    gives a note.
+    The kernel gets back the result or the error's line; a process that ends without either, or
+    has not told within `TRACE_TIMEOUT_S`, gives a note (and is ended).
     """
     fork = multiprocessing.get_context("fork")
     reader, writer = fork.Pipe(duplex=False)
@@ -304,7 +359,7 @@ def trace_apart(task: Task, plan: Plan, batch, check=None, twice=None) -> FirstS
     def run() -> None:
         _silenced()
         try:
-            writer.send(("traced", trace_first_step(task, plan, batch, check, twice)))
+            writer.send(("traced", trace_first_step(task, plan, batch, check, twice, measure=True)))
         except TrainingError as exc:
             writer.send(("refused", str(exc)))
         except BaseException as exc:  # the trace's own failure is no reason to refuse the run
@@ -314,9 +369,15 @@ def trace_apart(task: Task, plan: Plan, batch, check=None, twice=None) -> FirstS
     child.start()
     writer.close()
     try:
+        if not reader.poll(TRACE_TIMEOUT_S):
+            child.kill()
+            raise EOFError(f"the first step took more than {TRACE_TIMEOUT_S} s to trace")
         kind, value = reader.recv()
-    except EOFError:
-        ended = f"the process tracing the first step ended before it could tell (exit code {child.exitcode})"
+    except EOFError as exc:
+        child.join()
+        ended = (
+            str(exc) or f"the process tracing the first step ended before it could tell (exit code {child.exitcode})"
+        )
         kind, value = "traced", FirstStep(notes=(f"activations not estimated: {ended}",))
     finally:
         reader.close()

@@ -14,6 +14,7 @@ from nexa_nb.errors import TrainingError
 from nexa_nb.events import Note
 from nexa_nb.plan import Plan, make_plan, resolve_output_dir
 from nexa_nb.task import Task
+from nexa_nb.text import format_bytes
 
 
 @dataclass
@@ -40,6 +41,9 @@ class TrainResult:
     """The run's record (`nexa_nb.runs`): plan, events, this result, the workers' logs."""
     logs: list[str] = field(default_factory=list)
     """The workers' log files, in the record."""
+    batch_search: dict[str, Any] | None = None
+    """With --batch-size auto: the budget, each size tried ({"size", "fit", "peak_bytes"}), the one chosen
+    and a "line" saying so; None when the micro-batch was given."""
 
     @property
     def accumulation_stats(self):
@@ -50,6 +54,15 @@ class TrainResult:
         from nexa_nb.runs import Run
 
         return accumulation_stats(Run(self.run_dir).events()) if self.run_dir else None
+
+    @property
+    def memory(self):
+        """`nexa_nb.memory.MeasuredMemory` of each rank: the plan's bytes per device, the most the rank
+        was seen using, and their ratio; from the run's record, [] without one."""
+        from nexa_nb.memory import measured_memory
+        from nexa_nb.runs import Run
+
+        return measured_memory(Run(self.run_dir).events()) if self.run_dir else []
 
     def __repr__(self) -> str:
         loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
@@ -73,6 +86,7 @@ class TrainResult:
             model_dir=outcome.model_dir,
             task=task,
             message=outcome.message,
+            batch_search=plan.batch_search,
         )
 
     @classmethod
@@ -95,6 +109,7 @@ class TrainResult:
             error=message,
             traceback=getattr(error, "worker_traceback", ""),
             run_dir=run_dir,
+            batch_search=plan.batch_search,
         )
 
     @classmethod
@@ -171,7 +186,10 @@ def train(
 
         options = {**options, "slurm": spec_text(options["slurm"])}
     cfg = resolve_config(config_file=config, session=session, arguments=options)
-    plan = prepare(task, cfg)
+    search = None
+    if cfg.batch_size == "auto":
+        cfg, search = auto_micro_batch(task, cfg)
+    plan = replace(prepare(task, cfg), batch_search=search)
     elsewhere = cfg.detach or cfg.slurm is not None
     task_bytes = _task_bytes(task, cfg) if elsewhere else b""  # before the record: a task that cannot go writes nothing
     record = RunWriter.create(plan, task.name, where="kernel" if not elsewhere else "detached")
@@ -314,7 +332,43 @@ def smaller_micro_batch(plan: Plan, rank: int | None, resume: str | None) -> Pla
         f"accumulation {smaller.grad_accum} (effective batch {smaller.effective_batch}, unchanged)"
         f"{', from ' + resume if resume else ''}"
     )
-    return replace(smaller, notes=(*plan.notes, note), output_dir=plan.output_dir)
+    return replace(smaller, notes=(*plan.notes, note), output_dir=plan.output_dir, batch_search=plan.batch_search)
+
+
+def auto_micro_batch(task: Task, cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """--batch-size auto: `cfg` with the largest micro-batch that fits, and what was tried
+    (`nexa_nb.engine.auto_batch`). The task is checked first, at micro-batch 1, as any run's is;
+    the accumulation keeps --target-batch."""
+    from nexa_nb.config import validate
+    from nexa_nb.engine.auto_batch import candidate_sizes
+    from nexa_nb.engine.runtime import is_stream
+    from nexa_nb.launch import launch
+    from nexa_nb.plan import memory_budget_bytes
+
+    checked = prepare(task, replace(cfg, batch_size=1))
+    alone = replace(
+        cfg, batch_size=1, grad_accum=1, target_batch=None, resume=None, trackers=(), eval_every=None, ckpt_dir=None
+    )
+    samples = None if is_stream(task.train_data) else len(task.train_data)
+    trials = replace(
+        make_plan(alone, total_params=checked.total_params, largest_layer_params=checked.largest_layer_params),
+        batch_trials=candidate_sizes(samples, checked.procs, cfg.target_batch, cfg.grad_accum),
+        trial_budget_bytes=memory_budget_bytes(cfg),
+    )
+    search = launch(trials, task)  # each rank runs `auto_batch.try_micro_batches`; rank 0's account comes back
+    if search.chosen is None:
+        first = search.trials[0]
+        raise TrainingError(
+            f"--batch-size auto: micro-batch {first.size} already needs {format_bytes(first.peak_bytes)} per process, "
+            f"more than the budget of {format_bytes(search.budget_bytes)}. Fix: --grad-ckpt, --zero 3 --offload cpu, "
+            "more processes, a smaller model or shorter inputs"
+            + (", or a larger --memory-budget" if cfg.memory_budget is not None else "")
+        )
+    micro = search.chosen
+    grad_accum = cfg.target_batch // (micro * checked.procs) if cfg.target_batch is not None else cfg.grad_accum
+    chosen = replace(cfg, batch_size=micro, grad_accum=grad_accum)
+    validate(chosen)
+    return chosen, search.as_dict()
 
 
 def _checkpoints(plan: Plan) -> set[str]:

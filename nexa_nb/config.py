@@ -501,7 +501,9 @@ def validate(cfg: TrainConfig) -> None:
         )
 
     # batch arithmetic
-    if cfg.target_batch is not None:
+    if cfg.batch_size == "auto":
+        _check_auto_batch(cfg, need)
+    elif cfg.target_batch is not None:
         world = cfg.procs * cfg.num_machines
         per_step = cfg.batch_size * world
         need(
@@ -533,6 +535,35 @@ def validate(cfg: TrainConfig) -> None:
     )
 
     _check_folders(cfg, need)
+
+
+def _check_auto_batch(cfg: TrainConfig, need) -> None:
+    """--batch-size auto: the micro-batch is found by trying sizes on this machine before training,
+    and the accumulation follows from it and --target-batch."""
+    world = cfg.procs * cfg.num_machines
+    if cfg.target_batch is not None:
+        need(
+            cfg.target_batch % world == 0,
+            "target_batch",
+            f"{cfg.target_batch} cannot be shared by {world} processes",
+            f"pass --target-batch {max(world, cfg.target_batch // world * world)}",
+        )
+        given = cfg.source_of("grad_accum") != "default" and _layer_rank(cfg.source_of("grad_accum")) >= _layer_rank(
+            cfg.source_of("target_batch")
+        )
+        need(
+            not given,
+            "grad_accum",
+            f"--grad-accum {cfg.grad_accum} contradicts --target-batch {cfg.target_batch} with --batch-size auto "
+            "(the accumulation follows from the micro-batch found)",
+            "pass only one of --grad-accum and --target-batch",
+        )
+    need(
+        cfg.slurm is None,
+        "batch_size",
+        "--batch-size auto tries micro-batches on this machine, and a Slurm job trains on another",
+        "pass a number to --batch-size (a run here with --batch-size auto shows one that fits)",
+    )
 
 
 def _check_folders(cfg: TrainConfig, need) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from nexa_nb.config import OFFLOAD_DEVICES
+from nexa_nb.events import RunStarted, Sink, StepEnd
 from nexa_nb.text import format_bytes
 
 STAGES = (None, 0, 1, 2, 3)
@@ -178,7 +179,8 @@ class ActivationEstimate:
     ``per_sample_bytes`` and ``fixed_bytes`` are the step's peak (what autograd saves for backward
     plus the largest transient); the ``saved_*`` figures are what autograd saves alone.
     ``method`` says where the figures come from: "traced" (`nexa_nb.activations`, on fake
-    tensors) or "given" (by the caller).
+    tensors), "measured" (the same, on real tensors, for a model fake tensors cannot run) or
+    "given" (by the caller).
     """
 
     per_sample_bytes: int
@@ -540,3 +542,66 @@ def _check_setup(stage: int | None, offload_optimizer: str, offload_param: str) 
         raise ValueError(
             f"parameter offload needs ZeRO stage 3 (stage is {stage}); pass stage=3 or drop parameter offload"
         )
+
+
+# --- planned against measured --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeasuredMemory:
+    """One rank's memory in a run: what the plan counted per device and the most it was seen using.
+
+    Measured is the allocator's peak on a GPU (``max_memory_allocated``); on a CPU the resident
+    memory of the process, sampled at step ends (at most twice a second and at the last step),
+    which misses a peak between two samples. Planned is the plan's model states, framework and
+    activations at the micro-batch (`nexa_nb.plan.Plan.planned_device_bytes`), None when the
+    task's first step could not be traced.
+    """
+
+    rank: int
+    planned_bytes: int | None
+    measured_bytes: int
+
+    @property
+    def ratio(self) -> float | None:
+        """measured / planned: above 1, the run used more than planned."""
+        return self.measured_bytes / self.planned_bytes if self.planned_bytes else None
+
+
+class MeasuredTally(Sink):
+    """Each rank's largest memory figure from its `StepEnd` events, against the plan's figure
+    that `RunStarted` carries; a run that starts again (an out-of-memory retry) starts it again."""
+
+    def __init__(self) -> None:
+        self.planned: int | None = None
+        self.measured: dict[int, int] = {}
+
+    def on_run_started(self, event: RunStarted) -> None:
+        self.planned, self.measured = event.plan_summary.get("planned_memory"), {}
+
+    def on_step_end(self, event: StepEnd) -> None:
+        used = event.memory.peak if event.memory.capacity else event.memory.host_rss
+        self.measured[event.rank] = max(used, self.measured.get(event.rank, 0))
+
+    def per_rank(self) -> list[MeasuredMemory]:
+        return [MeasuredMemory(rank, self.planned, self.measured[rank]) for rank in sorted(self.measured)]
+
+    def line(self) -> str | None:
+        """ "memory: planned 1.20 GiB, measured 0.98 GiB per process (ratio 0.82)", the measured
+        figure being the largest rank's; None before the first step, or without a planned figure."""
+        ranks = self.per_rank()
+        if not ranks or self.planned is None:
+            return None
+        top = max(ranks, key=lambda m: m.measured_bytes)
+        return (
+            f"memory: planned {format_bytes(top.planned_bytes)}, measured {format_bytes(top.measured_bytes)} "
+            f"per process (ratio {top.ratio:.2f})"
+        )
+
+
+def measured_memory(events) -> list[MeasuredMemory]:
+    """Planned and measured memory of each rank of a run, from its events (a run record's, say)."""
+    tally = MeasuredTally()
+    for event in events:
+        tally.handle(event)
+    return tally.per_rank()

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,13 @@ class Plan:
     """`nexa_nb.memory.ActivationEstimate`s of the task's first step, without and with checkpointing."""
     planned_device_bytes: int | None = None
     """What this setup needs per device (model states, framework, activations at the micro-batch), when known."""
+    batch_trials: tuple[int, ...] = ()
+    """Micro-batches to try instead of training (--batch-size auto's search launch), ascending; () trains."""
+    trial_budget_bytes: int | None = None
+    """The peak a tried micro-batch may reach on each rank (`memory_budget`)."""
+    batch_search: dict[str, Any] | None = None
+    """What --batch-size auto tried and chose (`nexa_nb.engine.auto_batch.BatchSearch.as_dict`, with its
+    "line"); None when the micro-batch was given."""
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -74,6 +81,8 @@ class Plan:
             "lr": self.lr,
             "distributed_type": self.distributed_type,
             "device": self.device,
+            "planned_memory": self.planned_device_bytes,
+            "batch_search": self.batch_search["line"] if self.batch_search else None,
         }
 
     def describe(self) -> str:
@@ -88,6 +97,7 @@ class Plan:
                 f"= effective {self.effective_batch}; lr {self.lr:g}"
             ),
         ]
+        lines += [self.batch_search["line"]] if self.batch_search else []
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -145,9 +155,8 @@ def make_plan(
 
     `activations` (`nexa_nb.activations`' estimates of the task's first step) size the micro-batch
     in the memory plan; without them the plan counts model states only."""
-    hw = probe() if hardware is None else hardware
-    c = config
-    notes: list[str] = []
+    hw = checked_hardware(config, hardware)
+    c, notes = at_a_micro_batch(config)
 
     def fallback(field_name: str, message: str, fix: str) -> None:
         if c.strict:
@@ -233,6 +242,46 @@ def make_plan(
         activations=tuple(activations),
         planned_device_bytes=planned,
     )
+
+
+def at_a_micro_batch(c: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """The config a plan is made for, and the notes it starts with: --batch-size auto is planned at
+    micro-batch 1, since only a run tries sizes (`nexa_nb.api.train`) and plans again with the one found."""
+    if c.batch_size != "auto":
+        return c, []
+    note = (
+        "--batch-size auto: planned here at micro-batch 1; %nexa_train and nexa_nb.train try sizes before "
+        "training and use the largest that fits (an exported script does not: it trains at 1)"
+    )
+    return replace(c, batch_size=1), [note]
+
+
+def checked_hardware(c: TrainConfig, hardware: Hardware | None) -> Hardware:
+    """`hardware` (probed when None), once a memory budget is known to fit in it."""
+    hw = probe() if hardware is None else hardware
+    if c.memory_budget is not None and hw.host_memory_bytes and c.memory_budget > hw.host_memory_bytes:
+        from nexa_nb.text import format_bytes
+
+        raise ConfigError(
+            "memory_budget",
+            f"{format_bytes(c.memory_budget)} is more than this machine's memory "
+            f"({format_bytes(hw.host_memory_bytes)})",
+            f"pass --memory-budget {hw.host_memory_bytes // 2**30}GiB or less",
+        )
+    return hw
+
+
+def memory_budget_bytes(c: TrainConfig, hw: Hardware | None = None) -> int:
+    """The peak one rank may reach: on a GPU (usage - margin) x its memory; on a CPU --memory-budget,
+    else the same share of this process's part of the available host memory."""
+    from nexa_nb.memory import usable_bytes
+
+    hw = probe() if hw is None else hw
+    if uses_cuda(c, hw):
+        return usable_bytes(hw.device_memory_bytes, c.max_memory_usage, c.memory_safety_margin)
+    if c.memory_budget is not None:
+        return c.memory_budget
+    return usable_bytes(hw.host_available_bytes // c.procs, c.max_memory_usage, c.memory_safety_margin)
 
 
 def uses_cuda(c: TrainConfig, hw: Hardware) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -126,6 +127,8 @@ class Setting:
     """The form control's label; None keeps the field out of the form, and `no_form` says why."""
     no_form: str = ""
     placeholder: str = ""
+    auto: str = ""
+    """What the value "auto" means, for a field that also takes it (``--batch-size auto``); "" when it does not."""
 
 
 def setting(default: Any, help: str, group: str, **metadata: Any):
@@ -151,6 +154,27 @@ def _clip_norm(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; use a positive number or none") from None
+
+
+def _batch_size(text: str) -> int | str:
+    """--batch-size N, or auto: the largest micro-batch that fits (`nexa_nb.engine.auto_batch`)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; use a number such as 8, or auto") from None
+
+
+_BYTE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    """--memory-budget 8GiB (or 8G, 512MiB, a number of bytes): binary units, as the plan prints them."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if found is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use bytes or a size such as 8GiB or 512MiB")
+    return int(float(found.group(1)) * _BYTE_UNITS[found.group(2)])
 
 
 def _offload_from_env(raw: str) -> str:
@@ -188,12 +212,15 @@ class TrainConfig:
     )
 
     # --- batch arithmetic ----------------------------------------------------------------------
-    batch_size: int = setting(
+    batch_size: int = setting(  # or "auto"
         8,
-        "micro-batch per process, per forward pass",
+        "micro-batch per process, per forward pass; auto: the largest that fits, found by trying sizes before "
+        "training (one training step each, in the run's own set-up), keeping --target-batch",
         "batch and processes",
-        metavar="N",
+        metavar="N|auto",
         check=at_least_one,
+        parse=_batch_size,
+        auto="the largest micro-batch that fits, tried before training",
         deepspeed_key="train_micro_batch_size_per_gpu",
         label="micro-batch",
     )
@@ -350,6 +377,18 @@ class TrainConfig:
         check=probability,
         fix="pass a share such as 0.1, below --max-memory-usage",
         label="memory safety margin",
+    )
+    memory_budget: int | None = setting(
+        None,
+        "bytes each process may use on a CPU (8GiB, 512MiB or a number), for --batch-size auto; default: "
+        "its share of the available host memory, by --max-memory-usage and --memory-safety-margin",
+        "memory",
+        metavar="BYTES",
+        parse=_byte_size,
+        check=at_least_one,
+        fix="pass a size such as 8GiB",
+        label="memory budget (CPU)",
+        placeholder="share of host memory",
     )
     lora: bool = setting(False, "train LoRA adapters (peft) instead of the whole model", "LoRA", label="LoRA")
     lora_r: int = setting(
@@ -634,7 +673,7 @@ class Field:
 
     def problem(self, value) -> str | None:
         """What is wrong with `value` for this field alone, or None."""
-        if value is None:
+        if value is None or (self.meta.auto and value == "auto"):
             return None
         values = value if self.kind is tuple else (value,)
         for item in values:
@@ -717,6 +756,13 @@ def coerce(name: str, value: Any, source: str) -> Any:
 
     if value is None and (f.optional or f.kind is tuple):
         return None if f.optional else ()
+    if f.meta.auto and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str) and f.meta.parse is _byte_size:  # memory_budget="8GiB"
+        try:
+            return f.meta.parse(value)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(name, f"{exc}{where}", f.fix()) from None
     if f.kind is tuple:
         if isinstance(value, str):
             value = [item.strip() for item in value.split(",") if item.strip()]

@@ -175,6 +175,13 @@ CATALOGUE = [
     ("--max-memory-usage 0", "max_memory_usage: must be in (0, 1], got 0"),
     ("--memory-safety-margin -0.1", "memory_safety_margin: must be in [0, 1), got -0.1"),
     ("--max-memory-usage 0.5 --memory-safety-margin 0.5", "leaves nothing of max_memory_usage 0.5"),
+    # --batch-size auto and its budget
+    ("--batch-size many", "argument --batch-size: 'many' is not a whole number; use a number such as 8, or auto"),
+    ("--batch-size auto --grad-accum 2 --target-batch 64", "contradicts --target-batch 64 with --batch-size auto"),
+    ("--batch-size auto --memory-budget 1024TiB", "memory_budget: 1024.00 TiB is more than this machine's memory"),
+    ("--memory-budget lots", "argument --memory-budget: 'lots' is not a size"),
+    ("--memory-budget 0", "memory_budget: must be at least 1"),
+    ("--batch-size auto --slurm partition=debug", "a Slurm job trains on another"),
 ]
 
 ENVIRONMENT = [

@@ -193,3 +193,33 @@ def test_a_forward_with_a_state_reaches_the_workers_untouched(tmp_path, monkeypa
     task.forward = CountingForward()
     assert prepare(task, config()).activations  # traced, with a copy of the forward
     assert task.forward.calls == 0
+
+
+class GatedMlp(torch.nn.Module):
+    """A forward that reads a tensor's value in Python, which fake tensors cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 1))
+
+    def forward(self, x):
+        return self.body(x) if float(x.abs().sum()) > 0 else torch.zeros(len(x), 1)
+
+
+def test_a_model_fake_tensors_cannot_run_is_measured_and_the_plan_says_so(tmp_path, monkeypatch):
+    from nexa_nb.activations import run_step
+
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    task = nexa_nb.Task(GatedMlp, data, loss_fn=lambda out, batch: torch.nn.functional.mse_loss(out, batch[1]))
+    plan = prepare(task, config(batch_size=8))
+    [measured] = plan.activations
+    assert measured.method == "measured" and measured.per_sample_bytes > 0
+    assert any("activations measured on real tensors" in n and "fake tensors" in n for n in plan.notes), plan.notes
+    assert (plan.total_params, plan.largest_layer_params) == nexa_nb.memory.count_params(GatedMlp())
+    # The figure is a real step's: saved and peak bytes of 8 and 16 samples, per sample.
+    model = GatedMlp()
+    steps = [run_step(model, (x[:n], x[:n].sum(1, keepdim=True)), task, "no", cast_model=False) for n in (8, 16)]
+    assert measured.per_sample_bytes == (steps[1].peak_bytes - steps[0].peak_bytes) // 8

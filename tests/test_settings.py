@@ -40,6 +40,7 @@ TYPED = {
     "grad_ckpt": ("--grad-ckpt", True),
     "max_memory_usage": ("--max-memory-usage 0.8", 0.8),
     "memory_safety_margin": ("--memory-safety-margin 0.05", 0.05),
+    "memory_budget": ("--memory-budget 2000000000", 2_000_000_000),
     "lora": ("--lora", True),
     "lora_r": ("--lora-r 4", 4),
     "lora_alpha": ("--lora-alpha 8", 8),

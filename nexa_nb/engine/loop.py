@@ -19,6 +19,7 @@ from nexa_nb.engine.batches import cast_floats, extract_loss
 from nexa_nb.engine.checkpoints import checkpoint_name, resume, save_checkpoint
 from nexa_nb.engine.evaluation import evaluate
 from nexa_nb.engine.final_model import save_final_model
+from nexa_nb.engine.host_memory import keep_freed_memory
 from nexa_nb.engine.outcome import Outcome
 from nexa_nb.engine.reporter import StepReporter
 from nexa_nb.engine.runtime import Runtime, setup
@@ -30,6 +31,10 @@ from nexa_nb.task import Task
 
 def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
     """Train `task` as `plan` says, in this process (one rank of the run)."""
+    if plan.batch_trials:  # --batch-size auto's search launch: try micro-batches, train nothing
+        from nexa_nb.engine.auto_batch import try_micro_batches
+
+        return try_micro_batches(plan, task)
     rt = setup(plan, task)
     state = TrainState.start(plan, task.name, rt.fingerprint)
     if plan.config.resume:
@@ -76,6 +81,7 @@ def fit(rt: Runtime, plan: Plan, task: Task, state: TrainState, report: StepRepo
     """Train from `state.step` to `rt.total_steps`, then evaluate and save once more."""
     c = plan.config
     accelerator, accum = rt.accelerator, plan.grad_accum
+    keep_freed_memory()  # steps reuse what the previous step freed, instead of faulting in fresh pages
     rt.model.train()
     batches = stream_batches(rt, plan, state) if rt.steps_per_epoch is None else epoch_batches(rt, plan, state)
     micro = 0

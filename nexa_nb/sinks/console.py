@@ -51,6 +51,8 @@ class ConsoleSink(Sink):
         if event.start_step:
             parts.append(f"resuming at step {event.start_step}")
         self._write("nexa: " + " | ".join(parts))
+        if event.plan_summary.get("batch_search"):
+            self._write(event.plan_summary["batch_search"])
         for message in event.notes:
             self._write(f"note: {message}")
 
@@ -80,6 +82,9 @@ class ConsoleSink(Sink):
         if event.checkpoint_dir:
             line += f" (checkpoint: {event.checkpoint_dir})"
         self._write(line)
+        memory = self.record.measured_memory.line() if self.show_memory else None
+        if memory:
+            self._write(memory)
 
     def _step_line(self, event: StepEnd) -> str:
         """Rank 0's step, written right after the record took it."""

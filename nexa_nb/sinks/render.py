@@ -27,6 +27,7 @@ from nexa_nb.events import (
     Sink,
     StepEnd,
 )
+from nexa_nb.memory import MeasuredTally
 from nexa_nb.text import byte_unit, format_bytes, precision_label, strategy_label
 
 PALETTE = (  # matplotlib's "tab10": distinct hues that people already read as "rank 0, 1, ..."
@@ -104,11 +105,13 @@ class RunRecord(Sink):
         self.notes: list[Note] = []
         self.first_mean_loss: float | None = None  # the run's first loss, averaged over ranks like the last
         self.accumulation = AccumulationTally()
+        self.measured_memory = MeasuredTally()
 
     def on_run_started(self, event: RunStarted) -> None:
         self.started = event
         self.step = event.start_step
         self.notes.extend(Note(message) for message in event.notes)
+        self.measured_memory.on_run_started(event)
 
     def on_micro_step(self, event: MicroStep) -> None:
         self.micro[event.rank] = event
@@ -116,6 +119,7 @@ class RunRecord(Sink):
     def on_step_end(self, event: StepEnd) -> None:
         self.loss.setdefault(event.rank, Series()).append(event.step, event.loss)
         self.accumulation.on_step_end(event)
+        self.measured_memory.on_step_end(event)
         self.latest[event.rank] = event
         if event.rank == 0:
             if self.first_mean_loss is None:
@@ -289,6 +293,8 @@ def summary_text(record: RunRecord) -> str:
     accumulation = record.accumulation.stats()
     if accumulation is not None and plan.get("grad_accum", 1) > 1:
         text += " " + accumulation.line()
+    for line in (plan.get("batch_search"), record.measured_memory.line()):
+        text += f"\n\n{line}." if line else ""
     return text
 
 
