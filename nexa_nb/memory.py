@@ -153,6 +153,31 @@ def memory_table(
     return _rows(total_params, largest_layer_params, _TABLE_SETUPS, gpus_per_node, num_nodes, weight_bytes)
 
 
+def nvme_rows(
+    total_params: int,
+    largest_layer_params: int,
+    *,
+    gpus_per_node: int = 1,
+    num_nodes: int = 1,
+    weight_bytes: int = 2,
+) -> list[tuple[StateMemory, int]]:
+    """ZeRO-3 with the optimizer, then also the parameters, offloaded to NVMe: each row with the
+    bytes it swaps to the NVMe disk of a node, what cpu offload would put in host memory (the
+    node's share of the optimizer state and 16-bit parameters; the pinned staging buffers stay in
+    host memory, uncounted)."""
+    rows = _rows(total_params, largest_layer_params, _NVME_SETUPS, gpus_per_node, num_nodes, weight_bytes)
+    return [(row, _on_nvme(row) * total_params // num_nodes) for row in rows]
+
+
+def _on_nvme(row: StateMemory) -> int:
+    """Bytes per parameter a ZeRO-3 setup swaps to NVMe (the same terms as its host bytes with cpu offload)."""
+    params = _FP16_PARAMS if row.offload_param == "nvme" else 0
+    return params + (_ZERO3_OPTIMIZER if row.offload_optimizer == "nvme" else 0)
+
+
+_NVME_SETUPS = ((3, "nvme", "none"), (3, "nvme", "nvme"))
+
+
 def _rows(
     total_params: int, largest_layer_params: int, setups, gpus_per_node: int, num_nodes: int, weight_bytes: int = 2
 ) -> list:

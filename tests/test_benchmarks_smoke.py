@@ -70,7 +70,7 @@ def test_quick_run_writes_every_figure(tmp_path):
         # Same weights, nothing heavy imported...; whether the machine was quiet is recorded, not asserted.
         assert all(ok for name, ok in figure["checks"].items() if name != "quiet_machine"), (key, figure["checks"])
         assert number(figure["details"]["others_busy_cores"])
-        if key not in ("4_memory_plan_min", "4_memory_plan_max"):
+        if not key.startswith(("4_", "12_")):  # not timed / detached (its own run is another process)
             assert "quiet_machine" in figure["checks"], key
         if "pair_ratios" in figure["details"]:  # an A/B figure: the median of the pair ratios, and their spread
             low, high = figure["spread_iqr"]

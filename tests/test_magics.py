@@ -574,8 +574,8 @@ def test_plan_for_given_parameters_and_gpus(shell, nexa, capsys):
     out = plan_output(shell, capsys, "--params 7B --gpus 8 --gpu-mem 80")
     assert out[0] == "model: 7,000,000,000 parameters, largest layer 7,000,000,000 (given)"
     assert out[1] == "devices: 8 (80.00 GiB each); host: 12.00 GiB available"
-    assert out[2].split() == ["setup", "per", "device", "host"]
-    rows = [re.split(r"\s{2,}", row) for row in out[3:11]]
+    assert out[2].split() == ["setup", "per", "device", "host", "NVMe", "disk"]
+    rows = [re.split(r"\s{2,}", row.strip()) for row in out[3:11]]
     labels = [
         "plain Accelerate",
         "--zero 0",
@@ -591,6 +591,15 @@ def test_plan_for_given_parameters_and_gpus(shell, nexa, capsys):
         for r in memory.memory_table(7 * 10**9, 7 * 10**9, gpus_per_node=8)
     ]
     assert rows == [[label, *sizes] for label, sizes in zip(labels, expected)]
+    # ZeRO-3 offloading to NVMe: the disk takes the optimizer state (16 bytes per parameter), then
+    # also the 16-bit parameters (2 more); the device holds what it does with cpu offload.
+    nvme = [re.split(r"\s{2,}", row.strip()) for row in out[11:13]]
+    assert [row[0] for row in nvme] == ["--zero 3 --offload nvme", "--zero 3 --offload nvme --offload-param nvme"]
+    cpu = memory.memory_table(7 * 10**9, 7 * 10**9, gpus_per_node=8)[6:8]
+    rows = memory.nvme_rows(7 * 10**9, 7 * 10**9, gpus_per_node=8)
+    for row, on_cpu, (state, on_disk), per_param in zip(nvme, cpu, rows, (16, 18)):
+        assert state.device_bytes == on_cpu.device_bytes and on_disk == per_param * 7 * 10**9
+        assert row[1:] == [memory.format_bytes(b) for b in (state.device_bytes, state.host_bytes, on_disk)]
     best = memory.recommend(
         7 * 10**9,
         7 * 10**9,
@@ -599,10 +608,10 @@ def test_plan_for_given_parameters_and_gpus(shell, nexa, capsys):
         gpus_per_node=8,
         wanted_micro_batch=8,
     )
-    assert out[11] == "recommended: " + (
+    assert out[13] == "recommended: " + (
         text.setup_flags(best.stage, best.offload_optimizer, best.offload_param) or "plain Accelerate (no --zero)"
     )
-    assert out[12] == f"reason: {best.reason}"
+    assert out[14] == f"reason: {best.reason}"
 
 
 def test_plan_counts_the_task_model_without_building_it_in_the_kernel(shell, nexa, capsys):

@@ -112,7 +112,18 @@ def test_nexa_plan_shows_activations_per_setup_and_the_micro_batch(capsys, monke
     plan_command.run(Session(defaults={"batch_size": 4}), args, task=lm_task(), counted="counted from lm's model")
     out = capsys.readouterr().out.splitlines()
     assert out[2].startswith("activations: ") and "with gradient checkpointing" in out[2]
-    assert out[3].split() == ["setup", "model", "states", "micro-batch", "activations", "per", "device", "host"]
+    assert out[3].split() == [
+        "setup",
+        "model",
+        "states",
+        "micro-batch",
+        "activations",
+        "per",
+        "device",
+        "host",
+        "NVMe",
+        "disk",
+    ]
     assert out[4].startswith("plain Accelerate") and "4" in out[4].split()
     assert out[-2].startswith("recommended: plain Accelerate (no --zero) --batch-size 4 --grad-accum 1")
     assert "activations at micro-batch 4" in out[-1]

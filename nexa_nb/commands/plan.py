@@ -69,6 +69,9 @@ def run(session: Session, args, *, model=None, task=None, counted: str = "given"
     weight_bytes = 4 if first is not None and cfg.precision == "no" else 2
     with core_errors(ValueError):
         rows = memory.memory_table(total, largest, gpus_per_node=devices, weight_bytes=weight_bytes)
+        nvme = memory.nvme_rows(total, largest, gpus_per_node=devices, weight_bytes=weight_bytes)
+        disk = [None] * len(rows) + [on_disk for _, on_disk in nvme]
+        rows = rows + [row for row, _ in nvme]
         best = memory.recommend(
             total,
             largest,
@@ -88,9 +91,9 @@ def run(session: Session, args, *, model=None, task=None, counted: str = "given"
         print(_activations_line(first, cfg.batch_size))
     if activations:
         budget = memory.usable_bytes(device_bytes, cfg.max_memory_usage, cfg.memory_safety_margin)
-        print(_fits_table(memory.fits_table(rows, budget, wanted, activations, base, total)))
+        print(_fits_table(memory.fits_table(rows, budget, wanted, activations, base, total), disk))
     else:
-        print(_states_table(rows))
+        print(_states_table(rows, disk))
     print(f"recommended: {_recommended_flags(best)}")
     print(f"reason: {best.reason}")
     for note in first.notes if first is not None else ():
@@ -132,20 +135,30 @@ def _activations_line(first, micro_batch: int) -> str:
         f"{' with gradient checkpointing' if a.grad_ckpt else ''}"
         for a in first.activations
     ]
-    return f"activations: {'; '.join(parts)} (traced on fake tensors from the first batch of {micro_batch})"
+    how = "traced on fake tensors" if all(a.method == "traced" for a in first.activations) else "measured"
+    return f"activations: {'; '.join(parts)} ({how} from the first batch of {micro_batch})"
 
 
-def _states_table(rows) -> str:
+def _states_table(rows, disk) -> str:
     return text.table(
         [
-            (setup_label(r) or "plain Accelerate", text.format_bytes(r.device_bytes), text.format_bytes(r.host_bytes))
-            for r in rows
+            (
+                setup_label(r) or "plain Accelerate",
+                text.format_bytes(r.device_bytes),
+                text.format_bytes(r.host_bytes),
+                _disk(on_disk),
+            )
+            for r, on_disk in zip(rows, disk)
         ],
-        ("setup", "per device", "host"),
+        ("setup", "per device", "host", "NVMe disk"),
     )
 
 
-def _fits_table(fits) -> str:
+def _disk(on_disk: int | None) -> str:
+    return "" if on_disk is None else text.format_bytes(on_disk)
+
+
+def _fits_table(fits, disk) -> str:
     def micro(f) -> str:
         if f.micro_batch is None:
             return "does not fit"
@@ -160,10 +173,11 @@ def _fits_table(fits) -> str:
                 text.format_bytes(f.activation_bytes),
                 text.format_bytes(f.device_bytes),
                 text.format_bytes(f.row.host_bytes),
+                _disk(on_disk),
             )
-            for f in fits
+            for f, on_disk in zip(fits, disk)
         ],
-        ("setup", "model states", "micro-batch", "activations", "per device", "host"),
+        ("setup", "model states", "micro-batch", "activations", "per device", "host", "NVMe disk"),
     )
 
 
