@@ -152,12 +152,20 @@ def alternate(
     log: Callable[[str], None] = print,
     names: tuple[str, str] = ("A", "B"),
 ) -> Pairs:
-    """Run A, B, A, B, ... ``repeats`` times each, so that slow drift of the machine hits both sides."""
+    """Run ``repeats`` pairs of A and B back to back, so that slow drift of the machine hits both
+    sides; every other pair runs B first (A B, B A, A B, ...), so that whatever the first run of a
+    pair leaves behind for the second (the parent's memory, caches, the cores' clock) falls on
+    both sides alike."""
     pairs = Pairs([], [], [])
     for i in range(repeats):
         with OthersOnCores() as others:
-            pairs.a.append(run_a(i))
-            pairs.b.append(run_b(i))
+            if i % 2:
+                b = run_b(i)
+                pairs.a.append(run_a(i))
+                pairs.b.append(b)
+            else:
+                pairs.a.append(run_a(i))
+                pairs.b.append(run_b(i))
         pairs.others.append(others.busy)
         log(
             f"    pair {i + 1}/{repeats}: {names[0]} {pairs.a[-1]:.4g}  {names[1]} {pairs.b[-1]:.4g}  "
