@@ -122,6 +122,11 @@ def test_two_processes_read_and_train_every_sample_once_per_pass(tmp_path, quiet
     (worker_reads,) = reads.values()  # one worker (rank 0) reads the stream, each sample once a pass
     assert worker_reads == list(range(40)) * 2 + list(range(16))
     trained = _logged(tmp_path, "trained")
+    # The forward reads tensor values in Python (it logs ids), so fake tensors cannot trace it: the
+    # preflight measures the first step on real tensors in a process of its own, on the first
+    # micro-batch and then on it twice over. The workers train what they read.
+    (measured,) = [pid for pid, ids in trained.items() if ids == [0, 1, 2, 3] * 3]
+    del trained[measured]
     assert len(trained) == 2 and all(len(ids) == 48 for ids in trained.values())
     assert Counter(sum(trained.values(), [])) == Counter(worker_reads)  # each sample read is trained once
     assert [h["epoch"] for h in result.history] == [0] * 5 + [1] * 5 + [2] * 2
