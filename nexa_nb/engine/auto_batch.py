@@ -16,7 +16,6 @@ counters) reaches the real run, which starts afresh with the chosen micro-batch.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import gc
 import itertools
 import re
@@ -177,15 +176,14 @@ def _release(device) -> None:
     """
     import torch
 
+    from nexa_nb.engine.host_memory import release_freed_memory
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: what it keeps counts, and the budget is met with room to spare
-        pass
+    release_freed_memory()  # not glibc: what it keeps counts, and the budget is met with room to spare
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
 

@@ -31,7 +31,21 @@ NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse; False where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
     return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def release_freed_memory() -> None:
+    """Hand the memory glibc keeps back to the system now (``malloc_trim``, which the setting
+    above does not prevent); nothing where the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c"))

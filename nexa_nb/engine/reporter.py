@@ -77,7 +77,7 @@ class MeanOverRanks:
             return []
         finished = self.finish()
         totals = torch.stack([loss for loss, _, _ in self.collected])  # a new tensor: the all-reduce sums in place
-        if totals.device.type == "cpu":  # the group's time rides along, to size the next groups
+        if self.world > 1 and totals.device.type == "cpu":  # the group's time rides along, to size the next groups
             totals = torch.cat([totals, torch.tensor([sum(s for _, s, _ in self.collected)])])
         work = None
         if self.world > 1:
