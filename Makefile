@@ -10,7 +10,7 @@ YOLO_VENV ?= .venv-yolo
 YOLO_PY := $(YOLO_VENV)/bin/python
 YOLO_STAMP := $(YOLO_VENV)/.nexa-installed
 
-.PHONY: demo test lint test-yolo bench bench-gpu system-deps clean
+.PHONY: demo test lint test-yolo test-gpu bench bench-gpu system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ lint: $(STAMP)
 
 test-yolo: $(YOLO_STAMP)
 	PATH="$(abspath $(YOLO_VENV))/bin:$$PATH" $(YOLO_PY) -m pytest -q --nbval-lax --nbval-cell-timeout=600 --nbval-current-env notebooks/02_yolo.ipynb tests/test_tutorial_yolo.py
+
+# The tests that need a CUDA GPU (skipped, each with the reason, on a machine without one).
+test-gpu: $(STAMP) system-deps
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m gpu tests/test_gpu.py tests/test_step_sync.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

@@ -170,6 +170,7 @@ class Settings:
     """Everything that shapes the GPU figures; written into the results file."""
 
     repeats: int = 3
+    mfu_models: tuple[str, ...] = ("124M", "350M")
     mfu_steps: Steps = Steps(warmup=10, measured=30)
     mfu_micro_batch: int = 16
     memory_shape: Gpt2Shape = Gpt2Shape(24, 1024, 16, seq=128)
@@ -264,7 +265,8 @@ def mfu(s: Settings, work: Path, gpu_name: str, peak: float | None) -> list[Figu
     hand-written loop alternate, one fresh process each run.
     """
     figures = []
-    for shape, label, goal in ((GPT2_124M, "124M", Goal()), (GPT2_350M, "350M", at_least(0.45))):
+    models = ((GPT2_124M, "124M", Goal()), (GPT2_350M, "350M", at_least(0.45)))
+    for shape, label, goal in (m for m in models if m[1] in s.mfu_models):
         opts = options(s, micro_batch=s.mfu_micro_batch, grad_accum=1, steps=s.mfu_steps.total)
         tokens_per_step = opts["batch_size"] * shape.seq
         per_token = flops_per_token(shape)
@@ -538,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="F[,F]", help="run only these figures: 7, 8, 9a, 9b (9 = both)")
     parser.add_argument("--repeats", type=int, metavar="N", help="A/B pairs per comparison (default 3)")
     parser.add_argument("--micro-batch", type=int, metavar="N", help="figure 7's micro-batch (default 16)")
+    parser.add_argument("--models", metavar="M[,M]", help="figure 7's GPT-2 sizes: 124M, 350M (default both)")
     parser.add_argument(
         "--peak-tflops",
         type=float,
@@ -564,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, repeats=args.repeats)
     if args.micro_batch:
         s = replace(s, mfu_micro_batch=args.micro_batch)
+    if args.models:
+        s = replace(s, mfu_models=tuple(m.strip() for m in args.models.split(",")))
     if args.search_budget:
         s = replace(s, search_budget_s=args.search_budget)
     wanted = {f.strip() for f in (args.only or "7,8,9a,9b").split(",")}

@@ -1,12 +1,19 @@
 """nexa_nb: train models from a Jupyter notebook over Accelerate and DeepSpeed ZeRO.
 
 Importing this package (or ``%load_ext nexa_nb``) imports neither torch nor DeepSpeed, so
-the kernel stays fork-safe; the heavy modules load when a run starts.
+the kernel stays fork-safe; the heavy modules load when a run starts. It also makes torch's
+CUDA availability checks fork-safe (below).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+
+# torch.cuda.is_available() and device_count() start the CUDA driver in this process unless this
+# is set (then they ask NVML), and a process forked after that cannot use the GPU: every worker is
+# forked from the kernel, so a kernel that asked "is there a GPU?" could not train on one.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 __version__ = "0.1.0"
 

@@ -89,15 +89,37 @@ def free_port() -> int:
 
 
 def refuse_if_cuda_initialised(plan: Plan) -> None:
-    if plan.procs < 2 or not cuda_initialised_in_this_process():
+    """Every worker is forked from this process, and a forked child cannot use CUDA once its
+    parent initialised it ("Cannot re-initialize CUDA in forked subprocess"): refused before
+    anything starts, for a single GPU worker too. CPU workers never touch CUDA, so one of them
+    may be forked; several are refused as well, since their collectives' set-up may."""
+    if not cuda_initialised_in_this_process() or (plan.procs < 2 and plan.device != "cuda"):
         return
     suspects = [m for m in _CUDA_INITIALISERS if m in sys.modules]
     culprit = f" ({', '.join(suspects)} imported in this kernel)" if suspects else ""
+    workers = "the worker process" if plan.procs == 1 else f"{plan.procs} worker processes"
     raise TrainingError(
-        f"CUDA is already initialised in this kernel{culprit}, so {plan.procs} worker processes cannot be forked. "
+        f"CUDA is already initialised in this kernel{culprit}, so {workers} cannot be forked to use it. "
         "Fix: restart the kernel and keep every CUDA call (model.cuda(), torch.cuda.*, imports such as "
-        "bitsandbytes) inside the task's model factory, or pass --procs 1"
+        "bitsandbytes) inside the task's model factory" + ("" if plan.device == "cuda" else ", or pass --procs 1")
     )
+
+
+def refuse_if_forked_after_cuda(plan: Plan) -> None:
+    """In a worker: fail at once, with the fix, when the kernel started the CUDA driver without
+    initialising torch's CUDA state (which the kernel-side check sees), e.g. a CUDA device count
+    with ``PYTORCH_NVML_BASED_CUDA_CHECK=0``, or torch's own launcher asking for the GPU."""
+    if plan.device != "cuda":
+        return
+    import torch
+
+    if torch.cuda._is_in_bad_fork():
+        raise RuntimeError(
+            "CUDA was started in this kernel before the workers were forked (a CUDA call such as "
+            "torch.cuda.device_count() with PYTORCH_NVML_BASED_CUDA_CHECK=0, or a library that uses the GPU), "
+            "so this worker cannot use the GPU. Fix: restart the kernel and keep every CUDA call inside the "
+            "task's model factory"
+        )
 
 
 def release_openmp_threads() -> None:
@@ -151,20 +173,22 @@ def _fork_one(worker, args, port: int) -> None:
     CUDA context in the kernel, and the next multi-process launch would inherit them.
     Forking one worker keeps the kernel as clean as for N.
     """
+    from accelerate.utils import patch_environment
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=1,
-        run_id="nexa_nb",
-        rdzv_endpoint=f"127.0.0.1:{port}",
-        rdzv_backend="static",
-        rdzv_configs={"rank": 0},
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="fork",
-    )
+    with patch_environment(PYTORCH_NVML_BASED_CUDA_CHECK="1"):  # it asks torch.cuda.is_available()
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=1,
+            run_id="nexa_nb",
+            rdzv_endpoint=f"127.0.0.1:{port}",
+            rdzv_backend="static",
+            rdzv_configs={"rank": 0},
+            max_restarts=0,
+            monitor_interval=0.1,
+            start_method="fork",
+        )
     elastic_launch(config=config, entrypoint=worker)(*args)
 
 
@@ -201,10 +225,12 @@ def _worker(plan: Plan, task: Task, channel: EventChannel, log_dir: str, all_for
     emit = EventBatcher(channel.put)
     try:
         all_forked.wait(ALL_FORKED_TIMEOUT_S)
-        if plan.procs == 1 and plan.deepspeed_config is None:
-            # With these set, Accelerate would report MULTI_CPU/MULTI_GPU for a single process.
+        if plan.distributed_type == "NO":
+            # With these set, Accelerate would report MULTI_CPU/MULTI_GPU for a single process;
+            # DeepSpeed and FSDP need them, even for one.
             for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
                 os.environ.pop(name, None)
+        refuse_if_forked_after_cuda(plan)
         if "OMP_NUM_THREADS" in plan.worker_env:  # torch, already imported in the kernel, reads it no more
             import torch
 

@@ -88,11 +88,13 @@ def test_pitfall_06_cuda_initialised_in_the_kernel_is_refused(monkeypatch, quiet
     assert not quiet.events  # nothing started
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_pitfall_06_real_cuda_initialisation_is_refused(quiet):
-    torch.zeros(1, device="cuda")
-    with pytest.raises(TrainingError, match="CUDA is already initialised"):
-        nexa_nb.train(regression_task(), sinks=[quiet], procs=2, max_steps=1)
+def test_pitfall_06_one_cpu_worker_may_be_forked_after_cuda_initialised(monkeypatch, quiet):
+    """A CPU worker never touches CUDA: one of them trains (a GPU worker is refused: tests/test_gpu.py)."""
+    from nexa_nb import launch
+
+    monkeypatch.setattr(launch, "cuda_initialised_in_this_process", lambda: True)
+    result = nexa_nb.train(regression_task(), sinks=[quiet], procs=1, max_steps=2)
+    assert result.status == "completed"
 
 
 def test_pitfall_06_rerun_does_not_meet_address_already_in_use(quiet):
