@@ -11,9 +11,9 @@
 #    with the GPU benchmark's figures in $BESIDE_TESTS (memory figures: timing-free) alongside;
 # 3. the GPU benchmark (`python -m benchmarks.gpu $BENCH`), at most $BENCH_S seconds.
 #
-# Everything lands in OUT_DIR: env.txt, gpu-tests.log and gpu-tutorials.log, bench.log, the results
-# JSON, and logs.tgz (JUnit files, the workers' logs of the runs). Each phase has its own time limit, so a
-# hang in one still leaves the others' results.
+# Everything lands in OUT_DIR: env.txt, gpu-tests.log and gpu-tutorials.log, bench.log, the
+# results JSON, and logs.tgz (JUnit files, the runs' logs, results and events, the executed
+# notebooks). Each phase has its own time limit, so a hang in one still leaves the others' results.
 set -u
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -69,7 +69,8 @@ fi
 
 tail -3 "$out"/gpu-*.log "$out"/bench*.log 2>/dev/null
 # At most 8 files come back from some machines: the small ones go into one archive.
-{ find "$basetemp"-* /tmp/nexa_nb-workers-* nexa_runs notebooks/nexa_runs -name '*.log' -mmin -120 -size -2M 2>/dev/null
+{ find "$basetemp"-* /tmp/nexa_nb-workers-* nexa_runs notebooks/nexa_runs -mmin -120 -size -2M \
+    \( -name '*.log' -o -name result.json -o -name events.jsonl -o -name '*.ipynb' \) 2>/dev/null
   ls "$out"/*.xml "$out"/bench-beside.log 2>/dev/null; } | tar czf "$out/logs.tgz" -T - 2>/dev/null
 rm -f "$out"/*.xml "$out"/bench-beside.log
 exit 0

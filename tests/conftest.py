@@ -57,6 +57,17 @@ def weights_dump_metric(folder):
     return metric
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed run's `TrainingError` says what failed in one line; the report adds the worker's
+    own traceback, which says where."""
+    outcome = yield
+    error = call.excinfo.value if call.excinfo else None
+    worker_traceback = getattr(error, "worker_traceback", "")
+    if worker_traceback:
+        outcome.get_result().sections.append(("worker traceback", worker_traceback))
+
+
 @pytest.fixture
 def quiet():
     """No console output from runs: a recording sink instead."""

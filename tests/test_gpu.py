@@ -7,8 +7,9 @@ itself: the workers are forked from it, and only they touch the device.
 
 The model is a 2-layer GPT-2 (transformers, built from a config) learning counting sequences
 (token ``i+1`` follows ``i``, modulo the vocabulary); each run's loss curve is compared with a
-reference run's. Tolerance: the mean of the last 10 losses within 10 % of the reference's,
-and the loss falls to under half its first value.
+reference run's. Tolerance: the means of the last 10 losses differ by less than 2 % of the
+reference's first loss (both curves fall from ~4.9 to ~0.02 in 40 steps), and the loss falls to
+under half its first value.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ pytestmark = [
 ]
 
 VOCAB, SEQ, SAMPLES, STEPS = 128, 32, 1024, 40
-TOLERANCE = 0.10
+TOLERANCE = 0.02
 
 
 def tiny_gpt2():
@@ -89,7 +90,7 @@ def assert_learns_like(result, reference, what: str) -> None:
     assert result.status == "completed" and result.plan.device == "cuda", what
     assert len(result.losses) == STEPS, what
     assert tail(result.losses) < 0.5 * result.losses[0], f"{what} did not learn: {result.losses}"
-    gap = abs(tail(result.losses) - tail(reference.losses)) / tail(reference.losses)
+    gap = abs(tail(result.losses) - tail(reference.losses)) / reference.losses[0]
     assert gap < TOLERANCE, f"{what}: last losses {tail(result.losses):.4f} vs {tail(reference.losses):.4f}"
 
 
@@ -251,9 +252,14 @@ def _run_notebook(name: str, tmp_path: Path, kernel_name: str, replace: dict[str
     for old, new in replace.items():
         assert old in first.source, f"{name}'s first cell no longer says {old!r}"
         first.source = first.source.replace(old, new)
-    NotebookClient(nb, kernel_name=kernel_name, timeout=900, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    out = tmp_path / name
-    nbformat.write(nb, out)  # kept for reading when a later assertion fails
+    try:
+        NotebookClient(
+            nb, kernel_name=kernel_name, timeout=900, resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
+    finally:
+        nbformat.write(nb, tmp_path / name)  # what ran, outputs included, for reading after a failure
+        for cell in nb.cells:  # pytest shows this output when the test fails
+            print("".join(o.get("text", "") for o in cell.get("outputs", [])), end="")
     return nb
 
 

@@ -138,7 +138,7 @@ class DeviceReads:
     def put(self, figures: Figures, payload: Any) -> None:
         """Queue `figures` (tensors on this device, or plain numbers and None) with `payload`;
         a tensor on the host in a GPU run is read at once (there is nothing to wait for)."""
-        names = [k for k, v in figures.items() if isinstance(v, torch.Tensor) and v.device == self.device]
+        names = [k for k, v in figures.items() if isinstance(v, torch.Tensor) and v.device.type == self.device.type]
         plain = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in figures.items() if k not in names}
         values: torch.Tensor | list[torch.Tensor] = [figures[k] for k in names]  # on the CPU: read as they are
         event = None

@@ -58,18 +58,28 @@ def setup(plan: Plan, task: Task) -> Runtime:
     set_seed(c.seed)
     model = build_model(task, plan)
     fingerprint = model_fingerprint(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("the model has no trainable parameter (all requires_grad=False)")
+    wrap_first = plan.distributed_type == "FSDP"
+    if wrap_first:
+        # FSDP flattens the parameters when it wraps the model: an optimizer made before would
+        # hold the old ones and never change the model. Wrap first, as Accelerate advises.
+        model = accelerator.prepare(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, plan)
     loader, eval_loader = make_loaders(task, plan)
     per_epoch, total_steps = run_length(task.train_data, plan)
     scheduler = make_scheduler(optimizer, plan, total_steps)
 
-    if per_epoch is None:  # a stream: read by StreamBatches, not by a prepared loader
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # A stream is read by StreamBatches, not by a prepared loader.
+    parts = [optimizer, scheduler] if per_epoch is None else [optimizer, loader, scheduler]
+    prepared = accelerator.prepare(*parts) if wrap_first else accelerator.prepare(model, *parts)
+    if not wrap_first:
+        model, *prepared = prepared
+    if per_epoch is None:
+        optimizer, scheduler = prepared
     else:
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        optimizer, loader, scheduler = prepared
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
