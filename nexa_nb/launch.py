@@ -91,8 +91,8 @@ def free_port() -> int:
 def refuse_if_cuda_initialised(plan: Plan) -> None:
     """Every worker is forked from this process, and a forked child cannot use CUDA once its
     parent initialised it ("Cannot re-initialize CUDA in forked subprocess"): refused before
-    anything starts, for a single GPU worker too. CPU workers never touch CUDA, so one of them
-    may be forked; several are refused as well, since their collectives' set-up may."""
+    anything starts, for a single GPU worker too. One CPU worker never touches CUDA, so it may
+    be forked; several stay refused, as their process-group set-up may."""
     if not cuda_initialised_in_this_process() or (plan.procs < 2 and plan.device != "cuda"):
         return
     suspects = [m for m in _CUDA_INITIALISERS if m in sys.modules]

@@ -71,15 +71,12 @@ def setup(plan: Plan, task: Task) -> Runtime:
     per_epoch, total_steps = run_length(task.train_data, plan)
     scheduler = make_scheduler(optimizer, plan, total_steps)
 
-    # A stream is read by StreamBatches, not by a prepared loader.
-    parts = [optimizer, scheduler] if per_epoch is None else [optimizer, loader, scheduler]
-    prepared = accelerator.prepare(*parts) if wrap_first else accelerator.prepare(model, *parts)
-    if not wrap_first:
-        model, *prepared = prepared
-    if per_epoch is None:
-        optimizer, scheduler = prepared
+    loaders = [] if per_epoch is None else [loader]  # a stream is read by StreamBatches, not by a prepared loader
+    if wrap_first:
+        optimizer, *loaders, scheduler = accelerator.prepare(optimizer, *loaders, scheduler)
     else:
-        optimizer, loader, scheduler = prepared
+        model, optimizer, *loaders, scheduler = accelerator.prepare(model, optimizer, *loaders, scheduler)
+    loader = loaders[0] if loaders else loader
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
