@@ -185,10 +185,13 @@ def train(
         from nexa_nb.slurm import spec_text
 
         options = {**options, "slurm": spec_text(options["slurm"])}
+    from nexa_nb.sinks.console import ConsoleSink
+
     cfg = resolve_config(config_file=config, session=session, arguments=options)
+    sinks = [ConsoleSink()] if sinks is None else list(sinks)
     search = None
     if cfg.batch_size == "auto":
-        cfg, search = auto_micro_batch(task, cfg)
+        cfg, search = auto_micro_batch(task, cfg, sinks)
     plan = replace(prepare(task, cfg), batch_search=search)
     elsewhere = cfg.detach or cfg.slurm is not None
     task_bytes = _task_bytes(task, cfg) if elsewhere else b""  # before the record: a task that cannot go writes nothing
@@ -202,9 +205,6 @@ def train(
         return DetachedRun(str(record.folder), None, start_job(record, task_bytes, parse_spec(cfg.slurm)))
     if cfg.detach:
         return DetachedRun(str(record.folder), start_runner(record, task_bytes))
-    from nexa_nb.sinks.console import ConsoleSink
-
-    sinks = [ConsoleSink()] if sinks is None else list(sinks)
     compiling = compile_note(plan)
     if compiling is not None:  # the wait before the first step, said where the user looks
         for sink in sinks:
@@ -335,10 +335,10 @@ def smaller_micro_batch(plan: Plan, rank: int | None, resume: str | None) -> Pla
     return replace(smaller, notes=(*plan.notes, note), output_dir=plan.output_dir, batch_search=plan.batch_search)
 
 
-def auto_micro_batch(task: Task, cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+def auto_micro_batch(task: Task, cfg: TrainConfig, sinks: list) -> tuple[TrainConfig, dict[str, Any]]:
     """--batch-size auto: `cfg` with the largest micro-batch that fits, and what was tried
-    (`nexa_nb.engine.auto_batch`). The task is checked first, at micro-batch 1, as any run's is;
-    the accumulation keeps --target-batch."""
+    (`nexa_nb.engine.auto_batch`; `sinks` get a `Note` as each size is tried). The task is
+    checked first, at micro-batch 1, as any run's is; the accumulation keeps --target-batch."""
     from nexa_nb.config import validate
     from nexa_nb.engine.auto_batch import candidate_sizes
     from nexa_nb.engine.runtime import is_stream
@@ -355,7 +355,7 @@ def auto_micro_batch(task: Task, cfg: TrainConfig) -> tuple[TrainConfig, dict[st
         batch_trials=candidate_sizes(samples, checked.procs, cfg.target_batch, cfg.grad_accum),
         trial_budget_bytes=memory_budget_bytes(cfg),
     )
-    search = launch(trials, task)  # each rank runs `auto_batch.try_micro_batches`; rank 0's account comes back
+    search = launch(trials, task, sinks)  # each rank runs `auto_batch.try_micro_batches`; rank 0's account comes back
     if search.chosen is None:
         first = search.trials[0]
         raise TrainingError(

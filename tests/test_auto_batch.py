@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import nexa_nb
+from nexa_nb import events as ev
 from nexa_nb.config import ConfigError, resolve_config
 from nexa_nb.engine.auto_batch import candidate_sizes, search_sizes
 from nexa_nb.sinks import RunRecord, summary_text
+from nexa_nb.text import format_bytes
 
 TARGET = 1024
 BUDGET = 2**30  # about 0.3-0.65 GiB of a worker's set-up (ZeRO-3 the most) and 3 MiB a sample: 128 fits, not 512
@@ -86,6 +88,15 @@ def test_auto_picks_a_micro_batch_within_the_budget_that_trains_to_the_end(quiet
     for event in quiet.events:
         record.handle(event)
     assert result.batch_search["line"] in summary_text(record)
+    # each size is said as soon as it is tried, before the run starts
+    started = next(i for i, e in enumerate(quiet.events) if isinstance(e, ev.RunStarted))
+    said = [e.message for e in quiet.events[:started] if isinstance(e, ev.Note)]
+    tried = result.batch_search["tried"]
+    assert said == [
+        f"batch size auto: micro-batch {t['size']} {'fits' if t['fit'] else 'over'} "
+        f"({format_bytes(t['peak_bytes'])} of {format_bytes(BUDGET)} per process)"
+        for t in tried
+    ]
 
 
 def test_zero3_auto_leaves_no_trace_of_its_trials_in_the_run(quiet, tmp_path, monkeypatch):

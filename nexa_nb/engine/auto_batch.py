@@ -39,6 +39,13 @@ class Trial:
     def verdict(self) -> str:
         return "fits" if self.fit else "out of memory" if self.out_of_memory else "over"
 
+    def progress(self, budget_bytes: int) -> str:
+        """The line said as soon as this size has been tried: a search takes a few seconds a size."""
+        return (
+            f"batch size auto: micro-batch {self.size} {self.verdict} "
+            f"({format_bytes(self.peak_bytes)} of {format_bytes(budget_bytes)} per process)"
+        )
+
 
 @dataclass
 class BatchSearch:
@@ -97,12 +104,14 @@ def search_sizes(sizes: Sequence[int], fits: Callable[[int], bool]) -> int | Non
     return sizes[fit] if fit >= 0 else None
 
 
-def try_micro_batches(plan, task) -> BatchSearch:
-    """In each rank of a search launch: set up as the run will, then try `plan.batch_trials`."""
+def try_micro_batches(plan, task, emit) -> BatchSearch:
+    """In each rank of a search launch: set up as the run will, then try `plan.batch_trials`;
+    rank 0 `emit`s a `Note` after each size."""
     import torch
 
     from nexa_nb.engine.host_memory import keep_freed_memory
     from nexa_nb.engine.runtime import setup
+    from nexa_nb.events import Note
 
     rt = setup(plan, task)
     keep_freed_memory()  # the C allocator as the loop sets it; each trial hands back its memory (`_release`)
@@ -119,6 +128,8 @@ def try_micro_batches(plan, task) -> BatchSearch:
             dist.all_reduce(answers, op=dist.ReduceOp.MIN)  # every rank fits; the largest peak; any out of memory
         fit, peak, out_of_memory = bool(answers[0]), -int(answers[1]), bool(answers[2])
         search.trials.append(Trial(size, fit, peak, out_of_memory))
+        if rt.accelerator.is_main_process:
+            emit(Note(search.trials[-1].progress(plan.trial_budget_bytes)))
         return fit
 
     search.chosen = search_sizes(plan.batch_trials, fits)

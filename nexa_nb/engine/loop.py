@@ -34,7 +34,7 @@ def run(plan: Plan, task: Task, emit: Callable[[ev.Event], None]) -> Outcome:
     if plan.batch_trials:  # --batch-size auto's search launch: try micro-batches, train nothing
         from nexa_nb.engine.auto_batch import try_micro_batches
 
-        return try_micro_batches(plan, task)
+        return try_micro_batches(plan, task, emit)
     rt = setup(plan, task)
     state = TrainState.start(plan, task.name, rt.fingerprint)
     if plan.config.resume:
