@@ -32,15 +32,18 @@ if [ -n "${DEBS:-}" ] && [ ! -e /usr/include/libaio.h ]; then
   ldconfig
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# DeepSpeed compiles its ops on first use: for this GPU only, on every core.
+# DeepSpeed compiles its ops on first use: for this GPU only, on every core. The image's own list
+# (kept in env.txt) may name arch-specific variants such as 9.0a, which DeepSpeed cannot read.
+image_arch_list=${TORCH_CUDA_ARCH_LIST:-unset}
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export TORCH_CUDA_ARCH_LIST=$cap MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
   nproc
   free -g | head -2
+  echo "TORCH_CUDA_ARCH_LIST: image $image_arch_list, used $TORCH_CUDA_ARCH_LIST"
   $py -c "import sys, torch, accelerate, deepspeed, transformers, peft; print(sys.version.split()[0], *(f'{m.__name__} {m.__version__}' for m in (torch, accelerate, deepspeed, transformers, peft)), 'cuda', torch.version.cuda)"
 } >"$out/env.txt" 2>&1
 

@@ -79,15 +79,18 @@ def check_nvme_offload(plan: Plan, environ: dict[str, str] | None = None) -> Non
     """
     if "async_io" not in ops_a_plan_loads(plan):
         return
+    which = "offload_optimizer" if plan.config.offload_optimizer == "nvme" else "offload_param"
+    environ = {**os.environ, **plan.worker_env} if environ is None else environ
+    if plan.device == "cuda":
+        check_cuda_arch_list(environ.get("TORCH_CUDA_ARCH_LIST", ""), which)
     probe = subprocess.run(
         [sys.executable, "-c", ASYNC_IO_PROBE],
-        env={**os.environ, **plan.worker_env} if environ is None else environ,
+        env=environ,
         capture_output=True,
         text=True,
         timeout=300,
     )
     if probe.returncode != 0:
-        which = "offload_optimizer" if plan.config.offload_optimizer == "nvme" else "offload_param"
         raise ConfigError(
             which,
             "NVMe offload needs DeepSpeed's async I/O op, which cannot be built here "
@@ -95,6 +98,33 @@ def check_nvme_offload(plan: Plan, environ: dict[str, str] | None = None) -> Non
             "install them (Debian/Ubuntu: apt-get install libaio-dev; Fedora: dnf install libaio-devel) "
             "and a C compiler, or offload to the CPU instead (--offload cpu)",
         )
+
+
+# An entry DeepSpeed's CUDA op builder can read: "9.0", "9.0+PTX". Torch also takes
+# architecture-specific ones ("9.0a", "10.0f"), and images built for Hopper or Blackwell set them.
+_PLAIN_ARCH = re.compile(r"\d+\.\d+(\+PTX)?")
+_ARCH_SUFFIX = re.compile(r"(?<=\d)[a-z]+(?=\+PTX|$)")
+
+
+def check_cuda_arch_list(arch_list: str, field_name: str) -> None:
+    """Refuse an arch list with architecture-specific entries before a GPU worker builds the async
+    I/O op: DeepSpeed (0.19) reads each entry's minor version with int() and fails deep in the
+    worker with "invalid literal for int() with base 10: '0a'"."""
+    entries = [entry for entry in arch_list.replace(";", " ").split() if entry]
+    specific = [entry for entry in entries if not _PLAIN_ARCH.fullmatch(entry)]
+    if not specific:
+        return
+    plain = list(dict.fromkeys(_ARCH_SUFFIX.sub("", entry) for entry in entries))
+    if all(_PLAIN_ARCH.fullmatch(entry) for entry in plain):
+        fix = f'run os.environ["TORCH_CUDA_ARCH_LIST"] = "{" ".join(plain)}" in a cell (the same GPUs'
+    else:
+        fix = 'run os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0" in a cell (your GPUs\' compute capabilities'
+    raise ConfigError(
+        field_name,
+        f"TORCH_CUDA_ARCH_LIST={arch_list!r} has entries that DeepSpeed cannot read when it builds its "
+        f"async I/O op for NVMe offload: {', '.join(specific)}",
+        f"{fix} without the architecture-specific variants), or offload to the CPU instead (--offload cpu)",
+    )
 
 
 def extensions_folder() -> Path | None:
