@@ -50,6 +50,22 @@ class PlanNotesShown:
         self.sink.close()
 
 
+class ShownAtFirstEvent:
+    """A live view displayed when the first event reaches it, if the plan has not shown it yet:
+    the notes of a --batch-size auto search come while the run is still being planned."""
+
+    def __init__(self, sink, show):
+        self.sink = sink
+        self.show = show
+
+    def handle(self, event) -> None:
+        self.show()
+        self.sink.handle(event)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
 def follow_detached(run, dashboard) -> None:
     """The cell of a detached run returns at once, saying where it trains and how to follow it; its
     dashboard, if any, follows the record from a thread (the run's own process never talks to this kernel)."""
@@ -118,7 +134,8 @@ class Session:
         """Train `task` with `options` over the defaults, showing the run in the current cell.
 
         Once the task and the options passed every check, the plan is printed (`print_plan`)
-        and the live dashboard shown (console lines without `dashboard`). After the run the
+        and the live dashboard shown (console lines without `dashboard`); a --batch-size auto
+        search shows the dashboard as soon as it says the first size it tried. After the run the
         dashboard becomes its static picture. `output`, an ipywidgets Output the caller
         displays into, is cleared before that picture is drawn: an Output widget ignores the
         display update that would otherwise replace the live widget in place. Raises
@@ -137,15 +154,21 @@ class Session:
             sink = PlanNotesShown(ConsoleSink())
         shown = False
 
-        def show(plan) -> None:
+        def show_dashboard() -> None:
             nonlocal shown
-            if print_plan:
-                print(plan.describe())
-            if dashboard and output is not None:
+            if shown:
+                return
+            if output is not None:
                 display(sink.widget)
-            elif dashboard:
+            else:
                 sink.show()
             shown = True
+
+        def show(plan) -> None:
+            if print_plan:
+                print(plan.describe())
+            if dashboard:
+                show_dashboard()
 
         detached = None
         try:
@@ -153,7 +176,7 @@ class Session:
                 task,
                 config=config_file or self.config_file,
                 session=self.defaults,
-                sinks=[sink],
+                sinks=[ShownAtFirstEvent(sink, show_dashboard) if dashboard else sink],
                 on_plan=show,
                 **options,
             )

@@ -2,8 +2,8 @@
 
 The kernel runs this interpreter (a kernelspec written to a temporary JUPYTER_PATH), trains
 ZeRO-3 in two CPU processes with the live dashboard, inherits %nexa_config defaults in a
-second run, draws the first run again from its record (%nexa_attach), and shows a bad flag as one
-UsageError line.
+second run, draws the first run again from its record (%nexa_attach), shows the dashboard while
+--batch-size auto searches, and shows a bad flag as one UsageError line.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ CELLS = [
     "%config NexaMagics.dashboard = False\nres2 = %nexa_train --max-steps 3",
     "print(res2.plan.grad_accum, res2.plan.micro_batch, len(res2.history), res2.distributed_type)\n"
     "assert nexa_nb.last_result() is res2",
+    "%config NexaMagics.dashboard = True\nres3 = %nexa_train --batch-size auto --max-steps 2",
     "%nexa_train --zero 7",
 ]
 
@@ -62,7 +63,7 @@ def test_notebook_trains_with_the_magics(tmp_path, kernel_name):
     work = tmp_path / "work"
     work.mkdir()
     NotebookClient(nb, kernel_name=kernel_name, timeout=600, resources={"metadata": {"path": str(work)}}).execute()
-    load, _, train, check, attach, config, train2, check2, bad = nb.cells
+    load, _, train, check, attach, config, train2, check2, auto, bad = nb.cells
 
     assert load.outputs == []
     plan = stream(train).splitlines()
@@ -87,6 +88,14 @@ def test_notebook_trains_with_the_magics(tmp_path, kernel_name):
     assert "batch: micro 4 x accumulation 2 x 1 procs = effective 8" in stream(train2)
     assert "completed at step 3" in stream(train2)
     assert stream(check2).split() == ["2", "4", "3", "NO"]
+
+    # --batch-size auto: the dashboard is on screen while the search runs, before the plan is
+    # printed; its picture took the widget's place, and the summary says what the search chose
+    first, *rest = auto.outputs
+    assert "image/svg+xml" in first.get("data", {}), [o["output_type"] for o in auto.outputs]
+    assert "batch: micro" in stream(auto) and "batch size auto:" in stream(auto)  # the plan, printed after
+    summary = next(o["data"]["text/markdown"] for o in rest if "text/markdown" in o.get("data", {}))
+    assert "batch size auto:" in summary and "chose" in summary
 
     errors = [o for o in bad.outputs if o["output_type"] == "error"]
     text = stream(bad, "stderr") + "".join("\n".join(o.get("traceback", [])) for o in errors)
