@@ -326,7 +326,12 @@ def smaller_micro_batch(plan: Plan, rank: int | None, resume: str | None) -> Pla
         target_batch=None,
         resume=resume or plan.config.resume,
     )
-    smaller = make_plan(cfg, total_params=plan.total_params, largest_layer_params=plan.largest_layer_params)
+    smaller = make_plan(
+        cfg,
+        total_params=plan.total_params,
+        largest_layer_params=plan.largest_layer_params,
+        activations=plan.activations,
+    )
     note = (
         f"out of memory{where} at micro-batch {micro}: retrying with micro-batch {smaller.micro_batch} x "
         f"accumulation {smaller.grad_accum} (effective batch {smaller.effective_batch}, unchanged)"

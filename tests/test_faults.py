@@ -10,6 +10,7 @@ import time
 import psutil
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 import nexa_nb
 from nexa_nb import events as ev
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 class RefusesBigBatches(torch.nn.Module):
-    """Raises a real torch.OutOfMemoryError for batches above `limit` (on `rank` only, when given)."""
+    """Raises a real torch.OutOfMemoryError for batches above `limit` (on `rank` only, when given),
+    in the workers: the kernel's trace of the first step (fake tensors) plans its activations."""
 
     def __init__(self, limit: int, rank: int | None = None):
         super().__init__()
@@ -29,7 +31,8 @@ class RefusesBigBatches(torch.nn.Module):
 
     def forward(self, x):
         here = int(os.environ.get("RANK", "0"))
-        if x.shape[0] > self.limit and (self.rank is None or self.rank == here):
+        traced = isinstance(x, FakeTensor)
+        if x.shape[0] > self.limit and (self.rank is None or self.rank == here) and not traced:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} samples")
         return self.net(x)
 
@@ -47,6 +50,9 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(proc
 
     assert (result.plan.micro_batch, result.plan.grad_accum) == (4, 2)
     assert result.plan.effective_batch == 8 * procs
+    # the retry's memory plan still counts the activations (traced at micro-batch 8, not 4: bytes apart)
+    assert result.plan.activations and result.plan.planned_device_bytes is not None
+    assert result.plan.planned_device_bytes == pytest.approx(direct.plan.planned_device_bytes, rel=1e-4)
     assert result.losses == pytest.approx(direct.losses, abs=1e-6)
     notes = [e.message for e in quiet.events if isinstance(e, ev.Note)]
     where = " on rank 1" if procs == 2 else ""
