@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import multiprocessing
 import os
 import resource
@@ -44,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 from nexa_nb.engine.batches import cast_floats, default_forward, extract_loss, map_tensors
 from nexa_nb.engine.runtime import apply_lora, enable_gradient_checkpointing
-from nexa_nb.errors import TrainingError
+from nexa_nb.errors import TrainingError, logger_silenced
 from nexa_nb.memory import ActivationEstimate, count_params
 from nexa_nb.mistakes import known_mistake
 from nexa_nb.plan import Plan
@@ -269,7 +268,7 @@ def trace_first_step(task: Task, plan: Plan, batch, check=None, twice=None, meas
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     plain_plan = replace(plan, config=replace(plan.config, grad_ckpt=False))
-    with _quiet_fake_tensors():
+    with logger_silenced("torch._subclasses.fake_tensor"):  # it logs each failed op before raising it
         try:
             model = fake_model(task, plain_plan, mode)
         except Exception as exc:  # a factory that fake tensors cannot run, a LoRA that peft refuses, ...
@@ -436,15 +435,3 @@ def _silenced() -> None:
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (open until the process ends)
-
-
-@contextlib.contextmanager
-def _quiet_fake_tensors():
-    """Fake tensors log every failed operation at error level before raising it: the error is ours to tell."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from nexa_nb.config import ConfigError
 
 
@@ -15,6 +19,19 @@ class TrainingError(RuntimeError):
         self.worker_error = worker_error
         """The exception type a worker raised (e.g. "OutOfMemoryError"), when a worker failed."""
         self.rank = rank
+
+
+@contextmanager
+def logger_silenced(name: str) -> Iterator[None]:
+    """Silence the library logger `name` (all but CRITICAL) while the block runs: for libraries
+    that log, in the kernel, an error that nexa_nb reports itself in one line."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 __all__ = ["ConfigError", "TrainingError"]

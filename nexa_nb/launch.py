@@ -53,7 +53,7 @@ from typing import Any
 
 from nexa_nb import events as ev
 from nexa_nb.engine.outcome import end_stream
-from nexa_nb.errors import TrainingError
+from nexa_nb.errors import TrainingError, logger_silenced
 from nexa_nb.hardware import cuda_initialised_in_this_process
 from nexa_nb.plan import Plan
 from nexa_nb.task import Task
@@ -494,7 +494,8 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = (), record=None) -
     launch_error: BaseException | None = None
     with _Drain(channel, sinks, record) as drain:
         try:
-            with kept_signal_handlers(), _quiet_elastic_agent():
+            # torch's elastic agent logs every signal it forwards and each failed worker's traceback
+            with kept_signal_handlers(), logger_silenced("torch.distributed.elastic"):
                 if plan.procs == 1:
                     _fork_one(_worker, args, port)
                 else:
@@ -527,19 +528,6 @@ def launch(plan: Plan, task: Task, sinks: Iterable[ev.Sink] = (), record=None) -
     if record is None:
         shutil.rmtree(log_dir, ignore_errors=True)  # kept only when a run failed
     return outcome
-
-
-@contextmanager
-def _quiet_elastic_agent():
-    """torch's elastic agent logs, in the kernel, every signal it forwards to the workers and
-    each failed worker's traceback; the dashboard and the raised error already say it."""
-    agent_logger = logging.getLogger("torch.distributed.elastic")
-    level = agent_logger.level
-    agent_logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        agent_logger.setLevel(level)
 
 
 def _log_files(log_dir: str) -> str:
