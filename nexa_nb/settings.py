@@ -223,6 +223,7 @@ class TrainConfig:
         auto="the largest micro-batch that fits, tried before training",
         deepspeed_key="train_micro_batch_size_per_gpu",
         label="micro-batch",
+        placeholder="a number, or auto",
     )
     grad_accum: int = setting(
         1,
@@ -777,7 +778,7 @@ def coerce(name: str, value: Any, source: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("a whole number")
+            raise bad('a whole number or "auto"' if f.meta.auto else "a whole number")
         return value
     if f.kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

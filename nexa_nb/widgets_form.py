@@ -44,8 +44,8 @@ def _is_dropdown(f: Field) -> bool:
 
 
 def _is_text(f: Field) -> bool:
-    """Text for what a number box cannot hold: None ("none"), paths, lists of names."""
-    return not _is_dropdown(f) and (f.optional or f.kind in (str, tuple))
+    """Text for what a number box cannot hold: None ("none"), "auto", paths, lists of names."""
+    return not _is_dropdown(f) and (f.optional or bool(f.meta.auto) or f.kind in (str, tuple))
 
 
 def _text_of(value) -> str:

@@ -113,7 +113,7 @@ def test_options_and_magic_line_spell_the_flags_of_nexa_train(magics):
         offload_param="cpu",
         nvme_path="~/nvme",
         precision="bf16",
-        batch_size=4,
+        batch_size="4",
         grad_accum=2,
         procs=2,
         epochs=3,
@@ -224,6 +224,21 @@ def test_impossible_combinations_give_the_flags_message_and_disable_train(form, 
     assert form.error_view.value == "" and not form.train_button.disabled
 
 
+def test_the_micro_batch_takes_auto_as_the_flag_does(form, shell, magics):
+    assert form.controls["batch_size"].value == "8"
+    set_controls(form, batch_size="auto", target_batch="32")
+    assert form.magic_view.value == "%nexa_train --batch-size auto --target-batch 32"
+    assert form.error_view.value == "" and not form.train_button.disabled
+    assert form.options()["batch_size"] == "auto"  # what Train runs: the sizes are tried then
+    assert "--batch-size auto: planned here at micro-batch 1" in text(form.plan_view)
+
+    set_controls(form, batch_size="eight", target_batch="")
+    assert form.train_button.disabled and "batch_size" in text(form.error_view)
+    assert text(form.error_view) == (
+        """batch_size: expected a whole number or "auto", got 'eight'. Fix: give batch_size a whole number or "auto"."""
+    )
+
+
 # --- the buttons -------------------------------------------------------------------------------
 
 
@@ -278,7 +293,7 @@ def test_train_button_trains_the_task_under_the_form(form, monkeypatch):
 
 
 def test_train_failure_is_shown_under_the_form(form):
-    set_controls(form, batch_size=64, grad_accum=2)  # 128 samples per step, the data has 64
+    set_controls(form, batch_size="64", grad_accum=2)  # 128 samples per step, the data has 64
     with capture_output() as captured:
         form.train_button.click()
     (output,) = captured.outputs
