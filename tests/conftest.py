@@ -76,6 +76,16 @@ def quiet():
     return RecordingSink()
 
 
+@pytest.fixture(scope="module")
+def shell():
+    """A real IPython shell (the process's one) with nexa_nb's magics loaded, as `%load_ext nexa_nb` does."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "nexa_nb")
+    return shell
+
+
 @pytest.fixture
 def kernel_name(tmp_path, monkeypatch):
     """A Jupyter kernelspec for this interpreter, found through JUPYTER_PATH: real kernels that

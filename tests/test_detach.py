@@ -13,7 +13,6 @@ from pathlib import Path
 import nbformat
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from nbclient import NotebookClient
 
 import nexa_nb
@@ -21,13 +20,6 @@ from nexa_nb import events as ev
 from nexa_nb import runs
 from nexa_nb.errors import TrainingError
 from tests.conftest import regression_task
-
-
-@pytest.fixture(scope="module")
-def shell():
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "nexa_nb")
-    return shell
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 import nexa_nb
 from nexa_nb import api, launch, memory, text
@@ -69,13 +68,6 @@ def linear_data(n: int = 64):
 
 def linear_task(data=None, loss_fn=mse) -> nexa_nb.Task:
     return nexa_nb.Task(lambda: torch.nn.Linear(4, 1), linear_data() if data is None else data, loss_fn=loss_fn)
-
-
-@pytest.fixture(scope="module")
-def shell():
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "nexa_nb")
-    return shell
 
 
 @pytest.fixture

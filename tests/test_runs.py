@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 import nexa_nb
 from nexa_nb import api, overview, runs
@@ -241,13 +240,6 @@ def test_a_run_whose_process_is_gone_is_lost_and_attach_says_so(tmp_path):
 
 
 # --- the magics ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shell():
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "nexa_nb")
-    return shell
 
 
 def usage_error(shell, magic: str, line: str) -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import nexa_nb
@@ -68,13 +67,6 @@ TYPED = {
     "slurm": ("--slurm partition=debug,time=5", "partition=debug,time=5"),
     "force_cpu": ("--force-cpu", True),
 }
-
-
-@pytest.fixture(scope="module")
-def shell():
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "nexa_nb")
-    return shell
 
 
 def test_every_field_is_covered_here():

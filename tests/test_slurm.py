@@ -10,20 +10,12 @@ from pathlib import Path
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 import nexa_nb
 from nexa_nb import events as ev
 from nexa_nb import runs
 from tests import slurm_cluster
 from tests.conftest import regression_task
-
-
-@pytest.fixture(scope="module")
-def shell():
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "nexa_nb")
-    return shell
 
 
 @pytest.fixture

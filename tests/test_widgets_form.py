@@ -12,7 +12,6 @@ import ipywidgets as widgets
 import pytest
 import torch
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.display import display
 from IPython.utils.capture import capture_output
 
@@ -56,13 +55,6 @@ def cpu_host(monkeypatch):
     for name in CONFIG_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("nexa_nb.plan.probe", lambda: CPU_HOST)
-
-
-@pytest.fixture(scope="module")
-def shell():
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "nexa_nb")
-    return shell
 
 
 @pytest.fixture
