@@ -7,7 +7,8 @@
 #    PYTHONPATH) and Debian packages from $DEBS (unpacked into /, for libaio, which DeepSpeed's
 #    async I/O needs for NVMe offload), each only when given;
 # 2. the tests marked gpu (`make test-gpu`'s selection, or $TESTS; more pytest options, such as
-#    xdist's "-n 4", in $PYTEST_ARGS), at most $TESTS_S seconds,
+#    xdist's "-n 4", in $PYTEST_ARGS; each test at most $TEST_TIMEOUT_S seconds) and beside them
+#    the tutorials (options in $TUTORIAL_ARGS), all within $TESTS_S seconds,
 #    with the GPU benchmark's figures in $BESIDE_TESTS (memory figures: timing-free) alongside;
 # 3. the GPU benchmark (`python -m benchmarks.gpu $BENCH`), at most $BENCH_S seconds.
 #
@@ -53,12 +54,18 @@ if [ -n "${BESIDE_TESTS:-}" ]; then
   timeout "${TESTS_S:-300}" $py -m benchmarks.gpu --out "$out" $BESIDE_TESTS >"$out/bench-beside.log" 2>&1 &
   beside=$!
 fi
-# The tutorials (minutes each) in a second pytest beside the rest; each writes a JUnit file.
-per_test=$($py -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT_S:-240}")
+# The tutorials (minutes each) in a second pytest beside the rest, each tutorial test limited only by
+# the part's time ($TUTORIAL_ARGS, e.g. xdist's "-n 2", runs them side by side); each part writes a JUnit file.
+has_timeout=$($py -c "import pytest_timeout" 2>/dev/null && echo yes)
 for part in tests tutorials; do
-  if [ $part = tests ]; then pick="not tutorial" more=${PYTEST_ARGS:-}; else pick="tutorial" more=; fi
+  if [ $part = tests ]; then
+    pick="not tutorial" more=${PYTEST_ARGS:-} per_test=${TEST_TIMEOUT_S:-240}
+  else
+    pick="tutorial" more=${TUTORIAL_ARGS:-} per_test=${TESTS_S:-300}
+  fi
+  [ -n "$has_timeout" ] && more="--timeout $per_test $more"
   # shellcheck disable=SC2086
-  timeout "${TESTS_S:-300}" $py -m pytest -q -rA -m gpu $tests -k "$pick" $per_test $more -p no:cacheprovider \
+  timeout "${TESTS_S:-300}" $py -m pytest -q -rA -m gpu $tests -k "$pick" $more -p no:cacheprovider \
     --basetemp "$basetemp-$part" --junitxml "$out/gpu-$part.xml" >"$out/gpu-$part.log" 2>&1 &
 done
 wait
