@@ -15,7 +15,7 @@ import torch
 from IPython.core.error import UsageError
 
 import nexa_nb
-from tests.test_magics import linear_data, linear_task, mse, nexa, shell  # noqa: F401  (fixtures)
+from tests.test_magics import linear_data, linear_task, mse, nexa  # noqa: F401  (fixtures)
 
 
 class Unindexable:

@@ -25,7 +25,7 @@ from nexa_nb.config import resolve_config
 from nexa_nb.hardware import Hardware
 from nexa_nb.plan import make_plan
 from nexa_nb.session import Session
-from tests.test_magics import CPU_HOST, nexa, shell, usage_error  # noqa: F401  (fixtures)
+from tests.test_magics import CPU_HOST, nexa, usage_error  # noqa: F401  (fixtures)
 
 GIB = 2**30
 CPU = Hardware(cpu_cores=2, host_memory_bytes=16 * GIB, host_available_bytes=12 * GIB)

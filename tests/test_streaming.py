@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 import nexa_nb
 from tests.conftest import regression_task
 from tests.test_bad_inputs import _one_clear_line
-from tests.test_magics import nexa, shell  # noqa: F401  (fixtures)
+from tests.test_magics import nexa  # noqa: F401  (fixtures)
 
 
 def _log(folder: str, kind: str, ids) -> None:
