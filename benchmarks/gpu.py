@@ -335,7 +335,7 @@ def memory_plan(s: Settings, work: Path) -> list[Figure]:
     The peak is ``torch.cuda.max_memory_allocated`` as rank 0 reports it in its step events;
     the plan is `nexa_nb.memory.model_state_memory` for the same setup. The peak also holds
     activations, DeepSpeed's buckets and the optimizer's temporaries, so a little above 1 is
-    expected.
+    expected. The details keep the run's whole plan (`Plan.planned_device_bytes`) beside them.
     """
     from nexa_nb.events import RecordingSink, StepEnd
     from nexa_nb.memory import model_state_memory
@@ -348,7 +348,7 @@ def memory_plan(s: Settings, work: Path) -> list[Figure]:
         sink = RecordingSink()
         name = "plain" if stage is None else f"ZeRO-{stage}"
         log(f"figure 8: {name}, {total / 1e6:.0f}M parameters")
-        timed_nexa(shape, opts, Steps(0, 2), work, f"memory-{name}", sinks=[sink])
+        _, result = timed_nexa(shape, opts, Steps(0, 2), work, f"memory-{name}", sinks=[sink])
         peak = max(e.memory.peak for e in sink.events if isinstance(e, StepEnd) and e.rank == 0)
         planned = model_state_memory(total, largest, stage=stage, gpus_per_node=1).device_bytes
         figures.append(
@@ -362,6 +362,8 @@ def memory_plan(s: Settings, work: Path) -> list[Figure]:
                 details={
                     "peak_bytes": peak,
                     "planned_bytes": planned,
+                    # the run's whole plan (model states, framework, activations at its micro-batch)
+                    "whole_planned_bytes": result.plan.planned_device_bytes,
                     "params": total,
                     "largest_layer": largest,
                     "settings": opts,
