@@ -423,6 +423,10 @@ def main():
     rank = int(os.environ.get("RANK", "0"))
     sink = ConsoleSink()
     outcome = engine.run(plan, task, sink.handle if rank == 0 else lambda event: None)
+    if outcome.status == "completed" and torch.distributed.is_initialized():
+        # Gloo's threads may otherwise abort a finished process as the interpreter exits
+        # ("terminate called without an active exception"), and accelerate launch reports it failed.
+        torch.distributed.destroy_process_group()
     if rank == 0 and args.history_out:
         result = {"final_loss": outcome.final_loss, "distributed_type": outcome.distributed_type,
                   "num_processes": outcome.num_processes, "history": outcome.history,
@@ -476,7 +480,8 @@ def _script(
         "import json",
         "import os",
         "from pathlib import Path",
-        *(["", "import torch"] if task_file else []),
+        "",
+        "import torch",
     ]
     versions = (
         f"{__version__} (torch {torch.__version__}, cloudpickle {cloudpickle.__version__}, "
