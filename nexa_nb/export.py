@@ -525,12 +525,19 @@ def export_script(
     `task_var` is the task's name in the notebook, for messages. The accelerate config goes
     to `accelerate_config_path` (default: ``<script>.accelerate.yaml``), the task's pickle to
     ``<script>.task.pkl``. Raises `TrainingError` (one line) when the task cannot be saved or
-    would carry a secret; nothing is written then.
+    would carry a secret, `ConfigError` for --batch-size auto; nothing is written then.
     """
     if not isinstance(task, Task):
         raise TrainingError(f"expected a nexa_nb.Task, got {type(task).__name__}")
     if not task_var.isidentifier():
         raise TrainingError(f"task_var must be a Python name, got {task_var!r}")
+    if config.batch_size == "auto":  # the sizes are tried by the notebook's launch, which a script has not
+        raise ConfigError(
+            "batch_size",
+            "--batch-size auto tries micro-batches before a run from the notebook, and an exported script "
+            "trains without that search",
+            "pass a number to --batch-size (a run here with --batch-size auto shows one that fits)",
+        )
     script = Path(script_path)
     yaml_path = (
         Path(accelerate_config_path) if accelerate_config_path is not None else script.with_suffix(".accelerate.yaml")

@@ -251,7 +251,7 @@ def at_a_micro_batch(c: TrainConfig) -> tuple[TrainConfig, list[str]]:
         return c, []
     note = (
         "--batch-size auto: planned here at micro-batch 1; %nexa_train and nexa_nb.train try sizes before "
-        "training and use the largest that fits (an exported script does not: it trains at 1)"
+        "training and use the largest that fits"
     )
     return replace(c, batch_size=1), [note]
 

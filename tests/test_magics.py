@@ -697,6 +697,17 @@ def test_export_writes_the_script_and_prints_the_command(shell, nexa, tmp_path, 
     assert saved["deepspeed_config"]["zero_stage"] == 2
 
 
+def test_export_refuses_an_auto_micro_batch_and_writes_nothing(shell, nexa, tmp_path):
+    """The sizes are tried by a run from the notebook; a script would train at whatever it fell back to."""
+    message = usage_error(shell, "nexa_export", "train.py --batch-size auto")
+    assert message == (
+        "batch_size: --batch-size auto tries micro-batches before a run from the notebook, and an exported "
+        "script trains without that search. Fix: pass a number to --batch-size (a run here with --batch-size "
+        "auto shows one that fits)."
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- real runs --------------------------------------------------------------------------------
 
 
